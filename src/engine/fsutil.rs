@@ -1,0 +1,177 @@
+//! File-system plumbing with durability steps spelled out: atomic replace, directory
+//! fsync, hole punching and in-kernel copies.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::error::{EngineError, Result};
+use super::faults::crash_point;
+
+/// Makes the directory entry changes in `dir` (create, rename, unlink) durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    crash_point("sync_dir")?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| EngineError::io(dir, e))
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old or the new content:
+/// write a temporary file, fsync it, rename it over, fsync the directory.
+pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| EngineError::Invalid(format!("{} has no parent", path.display())))?;
+    let tmp = path.with_extension("tmp");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| EngineError::io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| EngineError::io(&tmp, e))?;
+    crash_point("atomic_write:fsync")?;
+    f.sync_all().map_err(|e| EngineError::io(&tmp, e))?;
+    crash_point("atomic_write:rename")?;
+    fs::rename(&tmp, path).map_err(|e| EngineError::io(path, e))?;
+    sync_dir(dir)
+}
+
+/// fdatasync with a crash point in front, for data files.
+pub(crate) fn sync_data(file: &File, path: &Path) -> Result<()> {
+    crash_point("sync_data")?;
+    file.sync_data().map_err(|e| EngineError::io(path, e))
+}
+
+/// Frees the blocks of `[offset, offset+len)` in `file`; they read as zeros afterwards.
+pub(crate) fn punch_hole(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
+    let off = i64::try_from(offset).map_err(|_| EngineError::Invalid("offset too large".into()))?;
+    let l = i64::try_from(len).map_err(|_| EngineError::Invalid("length too large".into()))?;
+    // SAFETY: fallocate on a valid, open file descriptor; no memory is passed.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            l,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        // A file system without hole punching: write zeros instead, so reads stay right.
+        Some(libc::EOPNOTSUPP) => write_zeros(file, path, offset, len),
+        _ => Err(EngineError::io(path, err)),
+    }
+}
+
+fn write_zeros(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done) as usize;
+        file.write_all_at(&zeros[..n], offset + done)
+            .map_err(|e| EngineError::io(path, e))?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Copies `[offset, offset+len)` of `src` to the same offsets of `dst` inside the kernel
+/// (copy_file_range: a reflink on XFS and btrfs), with a plain copy where it is refused.
+pub(crate) fn copy_range(src: &File, dst: &File, dst_path: &Path, offset: u64, len: u64) -> Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        let mut off_in = (offset + done) as libc::loff_t;
+        let mut off_out = off_in;
+        let want = (len - done).min(1 << 30) as usize;
+        // SAFETY: both descriptors are open files; the offset pointers point to live locals.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        if n > 0 {
+            done += n as u64;
+            continue;
+        }
+        if n == 0 {
+            // The source ended early: the rest reads as zeros.
+            return write_zeros(dst, dst_path, offset + done, len - done);
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {
+                return copy_plain(src, dst, dst_path, offset + done, len - done);
+            }
+            Some(libc::EINTR) => continue,
+            _ => return Err(EngineError::io(dst_path, err)),
+        }
+    }
+    Ok(())
+}
+
+fn copy_plain(src: &File, dst: &File, dst_path: &Path, offset: u64, len: u64) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let mut buf = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done) as usize;
+        read_full_at(src, &mut buf[..n], offset + done).map_err(|e| EngineError::io(dst_path, e))?;
+        dst.write_all_at(&buf[..n], offset + done)
+            .map_err(|e| EngineError::io(dst_path, e))?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros
+/// (a layer file is sparse and may be shorter than the volume on some file systems).
+pub(crate) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Hard-links `src` to `dst`, or copies it where a link is impossible (another file system).
+/// Returns true when it linked.
+pub(crate) fn link_or_copy(src: &Path, dst: &Path) -> Result<bool> {
+    match fs::hard_link(src, dst) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) || e.raw_os_error() == Some(libc::EPERM) => {
+            let s = File::open(src).map_err(|e| EngineError::io(src, e))?;
+            let len = s.metadata().map_err(|e| EngineError::io(src, e))?.len();
+            let d = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dst)
+                .map_err(|e| EngineError::io(dst, e))?;
+            d.set_len(len).map_err(|e| EngineError::io(dst, e))?;
+            copy_range(&s, &d, dst, 0, len)?;
+            crash_point("link_or_copy:fsync")?;
+            d.sync_all().map_err(|e| EngineError::io(dst, e))?;
+            Ok(false)
+        }
+        Err(e) => Err(EngineError::io(dst, e)),
+    }
+}

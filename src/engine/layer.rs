@@ -1,0 +1,257 @@
+//! One layer of a volume: a sparse data file of the volume's size, its map, and for the
+//! writable head the journal and the count of writes in flight that a cut drains.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+use roaring::RoaringBitmap;
+
+use super::error::{EngineError, Result};
+use super::layermap::LayerMap;
+use super::maplog::MapLog;
+
+/// Folder of the layer files inside a volume folder.
+pub const LAYERS_DIR: &str = "layers";
+
+/// Path of layer `id`'s data file.
+pub fn data_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(LAYERS_DIR).join(format!("{id}.data"))
+}
+
+/// Path of layer `id`'s map log.
+pub fn map_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(LAYERS_DIR).join(format!("{id}.map"))
+}
+
+/// A layer's map and, for the head, the blocks changed since the last flush.
+#[derive(Default)]
+pub struct LayerState {
+    pub map: LayerMap,
+    /// Blocks whose state changed since the last flush: their final state goes into the
+    /// next journal record.
+    pub touched: RoaringBitmap,
+}
+
+/// A layer of the stack. Frozen layers never change their map in place: a merge builds a
+/// new `Layer` and swaps the stack.
+pub struct Layer {
+    pub id: u64,
+    pub data: File,
+    pub data_path: PathBuf,
+    pub state: RwLock<LayerState>,
+    /// The journal, for a head layer (None for layers opened frozen).
+    pub log: Option<Mutex<MapLog>>,
+    /// The journal ends with a seal: no write may land here any more.
+    pub sealed: AtomicBool,
+    inflight: AtomicU64,
+    draining: AtomicBool,
+    drain_lock: Mutex<()>,
+    drained: Condvar,
+}
+
+/// Opens a data file for I/O, with O_DIRECT when asked and the file system allows it.
+fn open_data(path: &Path, direct: bool, create_size: Option<u64>) -> Result<File> {
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(true);
+    if create_size.is_some() {
+        opts.create_new(true);
+    }
+    if direct {
+        let mut d = opts.clone();
+        d.custom_flags(libc::O_DIRECT);
+        match d.open(path) {
+            Ok(f) => return finish_data(f, path, create_size),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::debug!(path = %path.display(), "O_DIRECT refused by the file system; using buffered I/O");
+            }
+            Err(e) => return Err(EngineError::io(path, e)),
+        }
+    }
+    let f = opts.open(path).map_err(|e| EngineError::io(path, e))?;
+    finish_data(f, path, create_size)
+}
+
+fn finish_data(f: File, path: &Path, create_size: Option<u64>) -> Result<File> {
+    if let Some(size) = create_size {
+        f.set_len(size).map_err(|e| EngineError::io(path, e))?;
+    }
+    Ok(f)
+}
+
+impl Layer {
+    fn new(id: u64, data: File, data_path: PathBuf, map: LayerMap, log: Option<MapLog>, sealed: bool) -> Layer {
+        Layer {
+            id,
+            data,
+            data_path,
+            state: RwLock::new(LayerState {
+                map,
+                touched: RoaringBitmap::new(),
+            }),
+            log: log.map(Mutex::new),
+            sealed: AtomicBool::new(sealed),
+            inflight: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            drain_lock: Mutex::new(()),
+            drained: Condvar::new(),
+        }
+    }
+
+    /// Creates the files of a new, empty head layer and makes them durable (their folder
+    /// entry is not: sync the layers folder before anything refers to the layer).
+    pub fn create_head(dir: &Path, id: u64, size: u64, direct: bool) -> Result<Layer> {
+        let dpath = data_path(dir, id);
+        let data = open_data(&dpath, direct, Some(size))?;
+        super::fsutil::sync_data(&data, &dpath)?;
+        let log = MapLog::create(&map_path(dir, id), id)?;
+        log.sync()?;
+        Ok(Layer::new(id, data, dpath, LayerMap::default(), Some(log), false))
+    }
+
+    /// Opens the head layer `id`, replaying its journal.
+    pub fn open_head(dir: &Path, id: u64, size: u64, direct: bool) -> Result<Layer> {
+        let dpath = data_path(dir, id);
+        let data = open_data(&dpath, direct, None)?;
+        check_size(&data, &dpath, size)?;
+        let (log, replayed) = MapLog::open_head(&map_path(dir, id), id)?;
+        let mut map = replayed.map;
+        map.optimize();
+        Ok(Layer::new(id, data, dpath, map, Some(log), false))
+    }
+
+    /// Opens the frozen layer `id`; its map must be whole and sealed.
+    pub fn open_frozen(dir: &Path, id: u64, size: u64, direct: bool) -> Result<Layer> {
+        let dpath = data_path(dir, id);
+        let data = open_data(&dpath, direct, None)?;
+        check_size(&data, &dpath, size)?;
+        let mut map = MapLog::read_sealed(&map_path(dir, id), id)?;
+        map.optimize();
+        Ok(Layer::new(id, data, dpath, map, None, true))
+    }
+
+    /// A frozen twin of this layer with another map (same data file), for merges.
+    pub fn with_map(&self, map: LayerMap) -> Result<Layer> {
+        let data = self.data.try_clone().map_err(|e| EngineError::io(&self.data_path, e))?;
+        Ok(Layer::new(self.id, data, self.data_path.clone(), map, None, true))
+    }
+
+    /// True when another volume (a clone) shares this layer's files: they must not change.
+    pub fn is_shared(&self) -> Result<bool> {
+        for p in [self.data_path.clone(), self.data_path.with_extension("map")] {
+            let md = std::fs::metadata(&p).map_err(|e| EngineError::io(&p, e))?;
+            if md.nlink() > 1 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Counts a write that is about to land in this layer.
+    pub fn enter(&self) {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Ends a write counted by [`Layer::enter`], waking a cut that waits for the drain.
+    pub fn leave(&self) {
+        if self.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && self.draining.load(Ordering::SeqCst) {
+            let _g = self.drain_lock.lock();
+            self.drained.notify_all();
+        }
+    }
+
+    /// Waits until no write is in flight to this layer; returns how long it waited.
+    pub fn wait_drained(&self) -> Duration {
+        let start = Instant::now();
+        self.draining.store(true, Ordering::SeqCst);
+        let mut g = self.drain_lock.lock();
+        let mut warned = start;
+        while self.inflight.load(Ordering::SeqCst) != 0 {
+            self.drained.wait_for(&mut g, Duration::from_millis(100));
+            if warned.elapsed() > Duration::from_secs(5) {
+                tracing::warn!(
+                    layer = self.id,
+                    inflight = self.inflight.load(Ordering::SeqCst),
+                    waited_ms = start.elapsed().as_millis() as u64,
+                    "still waiting for writes in flight to finish before sealing the layer"
+                );
+                warned = Instant::now();
+            }
+        }
+        drop(g);
+        self.draining.store(false, Ordering::SeqCst);
+        start.elapsed()
+    }
+
+    /// Makes every change to this layer so far durable: data first, then the journal
+    /// record of the touched blocks, so a block's map entry is never durable before its data.
+    pub fn flush(&self, seal: bool) -> Result<()> {
+        let Some(log) = &self.log else {
+            return Ok(());
+        };
+        let mut log = log.lock();
+        let (touched, present, zeroed, compact) = {
+            let mut st = self.state.write();
+            if st.touched.is_empty() && !seal {
+                return Ok(());
+            }
+            let touched = std::mem::take(&mut st.touched);
+            let present = &st.map.present & &touched;
+            let zeroed = &st.map.zeroed & &touched;
+            // A journal much larger than the map it describes is rewritten as one checkpoint,
+            // taken here, under the same lock, so it matches what the data sync covers.
+            let compact = (log.len() > 4 * st.map.serialized_size() as u64 + (4 << 20)).then(|| st.map.clone());
+            (touched, present, zeroed, compact)
+        };
+        let result = (|| {
+            super::fsutil::sync_data(&self.data, &self.data_path)?;
+            match &compact {
+                Some(map) => {
+                    *log = MapLog::write_compacted(&self.data_path.with_extension("map"), self.id, map, seal)?;
+                }
+                None => {
+                    if !touched.is_empty() {
+                        log.append_delta(&touched, &present, &zeroed)?;
+                    }
+                    if seal {
+                        log.append_seal()?;
+                    }
+                    log.sync()?;
+                }
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                if seal {
+                    self.sealed.store(true, Ordering::SeqCst);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Keep the blocks pending so the next flush records them again.
+                self.state.write().touched |= touched;
+                Err(e)
+            }
+        }
+    }
+
+    /// Blocks with data in this layer.
+    pub fn present_blocks(&self) -> u64 {
+        self.state.read().map.present.len()
+    }
+}
+
+fn check_size(f: &File, path: &Path, size: u64) -> Result<()> {
+    let len = f.metadata().map_err(|e| EngineError::io(path, e))?.len();
+    if len != size {
+        return Err(EngineError::corrupt(
+            path,
+            format!("layer data file is {len} bytes, the volume is {size} bytes"),
+        ));
+    }
+    Ok(())
+}

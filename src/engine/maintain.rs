@@ -1,0 +1,197 @@
+//! Background upkeep after snapshot deletes: merging a deleted snapshot's layer into the
+//! layer above it, and freeing the blocks that the live head has overwritten.
+//!
+//! Safety rules:
+//! - a frozen layer's file is only written at blocks its map does not name, and only when no
+//!   clone shares it (link count 1); otherwise the merge writes a new file;
+//! - the live head is never written by a merge: under the head, a deleted layer only gives
+//!   back the blocks the head already covers durably, once no reader can still use them;
+//! - every step leaves the volume readable with the same content if the process dies there.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::error::{EngineError, Result};
+use super::extent::runs;
+use super::fsutil;
+use super::layer::{self, Layer};
+use super::layermap::LayerMap;
+use super::maplog::MapLog;
+use super::volume::Volume;
+
+impl Volume {
+    /// Merges every layer whose snapshot was deleted, as far as the live head allows.
+    /// Safe to run while the volume serves I/O; one run at a time.
+    pub fn maintain(&self) -> Result<()> {
+        let _one = self.inner.merge.lock();
+        loop {
+            let (lower, upper, pos, upper_live) = {
+                let meta = self.inner.meta.lock();
+                let stack = self.stack();
+                let Some(entry) = meta.manifest.layers.iter().find(|l| l.merge_pending) else {
+                    return Ok(());
+                };
+                let pos = stack
+                    .iter()
+                    .position(|l| l.id == entry.id)
+                    .ok_or_else(|| EngineError::Invalid(format!("pending layer {} is not in the stack", entry.id)))?;
+                let upper = stack[pos + 1].clone();
+                let live = pos + 1 == stack.len() - 1 || !upper.sealed.load(std::sync::atomic::Ordering::SeqCst);
+                (stack[pos].clone(), upper, pos, live)
+            };
+            if upper_live {
+                return self.release_covered(&lower, &upper);
+            }
+            self.merge_into_upper(&lower, &upper, pos)?;
+        }
+    }
+
+    /// Frees the blocks of `lower` that the live `upper` covers durably: nothing can read
+    /// them any more. The rest of `lower` waits for `upper` to be sealed by a snapshot.
+    fn release_covered(&self, lower: &Arc<Layer>, upper: &Arc<Layer>) -> Result<()> {
+        self.flush()?;
+        let durable_cover = {
+            let st = upper.state.read();
+            &st.map.cover() - &st.touched
+        };
+        let (dead, new_map) = {
+            let st = lower.state.read();
+            let dead = &st.map.present & &durable_cover;
+            let map = LayerMap {
+                present: &st.map.present - &durable_cover,
+                zeroed: &st.map.zeroed - &durable_cover,
+            };
+            (dead, map)
+        };
+        if new_map == lower.state.read().map || lower.is_shared()? {
+            return Ok(());
+        }
+        MapLog::write_compacted(&layer::map_path(&self.inner.dir, lower.id), lower.id, &new_map, true)?;
+        let replacement = Arc::new(lower.with_map(new_map)?);
+        self.replace_layers(&[lower.id], replacement, |_| {})?;
+        // Reads planned before the swap may still use the old map: wait for them to finish
+        // before the blocks become holes.
+        if !wait_unused(lower, Duration::from_secs(10)) {
+            tracing::warn!(volume = %self.inner.name, layer = lower.id, "layer still in use; its space will be freed by a later merge");
+            return Ok(());
+        }
+        let bs = u64::from(self.inner.block_size);
+        for (s, e) in runs(&dead) {
+            let off = u64::from(s) * bs;
+            fsutil::punch_hole(&lower.data, &lower.data_path, off, (e - u64::from(s)) * bs)?;
+        }
+        tracing::info!(
+            volume = %self.inner.name,
+            layer = lower.id,
+            freed_bytes = dead.len() * bs,
+            "freed blocks of a deleted snapshot that the live volume has overwritten"
+        );
+        Ok(())
+    }
+
+    /// Merges the frozen `lower` (at stack position `pos`) into the frozen layer above it.
+    fn merge_into_upper(&self, lower: &Arc<Layer>, upper: &Arc<Layer>, pos: usize) -> Result<()> {
+        let t0 = Instant::now();
+        let (copy, mut merged) = {
+            let lo = lower.state.read();
+            let up = upper.state.read();
+            (&lo.map.present - &up.map.cover(), up.map.over(&lo.map))
+        };
+        if pos == 0 {
+            // Nothing lies below the bottom layer: zeros need no marking there.
+            merged.zeroed.clear();
+        }
+        merged.optimize();
+        let bs = u64::from(self.inner.block_size);
+        let dir = &self.inner.dir;
+        let target = if upper.is_shared()? {
+            // A clone shares the upper layer: build the merged layer in a new file.
+            let id = self.inner.meta.lock().take_layer_id();
+            let fresh = Layer::create_head(dir, id, self.inner.size, self.inner.direct)?;
+            let present = upper.state.read().map.present.clone();
+            for (s, e) in runs(&present) {
+                fsutil::copy_range(&upper.data, &fresh.data, &fresh.data_path, u64::from(s) * bs, (e - u64::from(s)) * bs)?;
+            }
+            for (s, e) in runs(&copy) {
+                fsutil::copy_range(&lower.data, &fresh.data, &fresh.data_path, u64::from(s) * bs, (e - u64::from(s)) * bs)?;
+            }
+            fsutil::sync_data(&fresh.data, &fresh.data_path)?;
+            MapLog::write_compacted(&layer::map_path(dir, id), id, &merged, true)?;
+            Arc::new(fresh.with_map(merged)?)
+        } else {
+            // Blocks the upper map does not name are invisible: fill them in place, then
+            // switch the upper map; the content of every view stays the same throughout.
+            for (s, e) in runs(&copy) {
+                fsutil::copy_range(&lower.data, &upper.data, &upper.data_path, u64::from(s) * bs, (e - u64::from(s)) * bs)?;
+            }
+            fsutil::sync_data(&upper.data, &upper.data_path)?;
+            MapLog::write_compacted(&layer::map_path(dir, upper.id), upper.id, &merged, true)?;
+            Arc::new(upper.with_map(merged)?)
+        };
+        let (lower_id, upper_id, target_id) = (lower.id, upper.id, target.id);
+        self.replace_layers(&[lower_id, upper_id], target, |m| {
+            for s in m.snapshots.iter_mut().filter(|s| s.layer == upper_id) {
+                s.layer = target_id;
+            }
+        })?;
+        for id in [lower_id].into_iter().chain((upper_id != target_id).then_some(upper_id)) {
+            for p in [layer::data_path(dir, id), layer::map_path(dir, id)] {
+                if let Err(e) = std::fs::remove_file(&p) {
+                    tracing::warn!(file = %p.display(), error = %e, "could not remove a merged layer file; it is removed at the next open");
+                }
+            }
+        }
+        tracing::info!(
+            volume = %self.inner.name,
+            merged = lower_id,
+            into = target_id,
+            copied_bytes = copy.len() * bs,
+            ms = t0.elapsed().as_millis() as u64,
+            "merged a deleted snapshot's layer"
+        );
+        Ok(())
+    }
+
+    /// Replaces the consecutive layers `ids` by `with` in the manifest (durably) and in the
+    /// stack; `edit` adjusts the rest of the manifest in the same commit.
+    fn replace_layers(&self, ids: &[u64], with: Arc<Layer>, edit: impl FnOnce(&mut super::manifest::Manifest)) -> Result<()> {
+        let mut meta = self.inner.meta.lock();
+        let mut m = meta.manifest.clone();
+        let first = m
+            .layer_pos(ids[0])
+            .ok_or_else(|| EngineError::Invalid(format!("layer {} is gone", ids[0])))?;
+        let keep_pending = m.layers[first + ids.len() - 1].merge_pending;
+        m.layers.splice(
+            first..first + ids.len(),
+            [super::manifest::LayerEntry {
+                id: with.id,
+                merge_pending: keep_pending,
+            }],
+        );
+        edit(&mut m);
+        m.next_layer_id = m.next_layer_id.max(meta.next_layer_id);
+        m.store(&self.inner.dir)?;
+        meta.manifest = m;
+        let mut stack = self.inner.stack.write();
+        let mut v = stack.to_vec();
+        let at = v
+            .iter()
+            .position(|l| l.id == ids[0])
+            .ok_or_else(|| EngineError::Invalid(format!("layer {} is not in the stack", ids[0])))?;
+        v.splice(at..at + ids.len(), [with]);
+        *stack = v.into();
+        Ok(())
+    }
+}
+
+/// Waits until no stack or plan other than the caller's reference holds `layer`.
+fn wait_unused(layer: &Arc<Layer>, limit: Duration) -> bool {
+    let t0 = Instant::now();
+    while Arc::strong_count(layer) > 1 {
+        if t0.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}

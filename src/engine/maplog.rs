@@ -1,0 +1,417 @@
+//! The on-disk form of a layer map: an append-only log of checksummed records.
+//!
+//! The head appends one `Delta` record per flush (the final state of every block touched
+//! since the previous flush), so the log only ever grows at its end and a crash can tear
+//! only its last record. Sealing a layer appends `Seal`; compaction rewrites the log as one
+//! `Checkpoint` (+ `Seal`) through an atomic rename.
+//!
+//! Layout (version 1, little endian):
+//! - header, 32 bytes: magic `SNAPBLKM`, version u32, reserved u32, layer id u64,
+//!   crc32c of the first 24 bytes u32, 4 bytes zero;
+//! - records: magic u32 `0x314D4C53`, kind u8, 3 bytes zero, payload length u32,
+//!   crc32c u32 over kind, length and payload, then the payload.
+//!   Kinds: 1 Delta (payload: three length-prefixed portable roaring bitmaps: the blocks
+//!   touched, those of them holding data, those of them reading as zeros), 2 Checkpoint
+//!   (two bitmaps: present, zeroed), 3 Seal (empty payload).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use roaring::RoaringBitmap;
+
+use super::error::{EngineError, Result};
+use super::fsutil;
+use super::layermap::LayerMap;
+
+const MAGIC: &[u8; 8] = b"SNAPBLKM";
+/// Version of the map log format this build writes and reads.
+pub const VERSION: u32 = 1;
+const HEADER_LEN: u64 = 32;
+const REC_MAGIC: u32 = 0x314D_4C53;
+const REC_HEADER_LEN: usize = 16;
+/// Upper bound for one record, far above any real map (a full 16 TiB bitmap is 512 MiB).
+const MAX_RECORD: u64 = 1 << 30;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Delta = 1,
+    Checkpoint = 2,
+    Seal = 3,
+}
+
+/// What a replay found.
+pub struct Replayed {
+    pub map: LayerMap,
+    /// The log ends with a Seal record.
+    pub sealed: bool,
+    /// Bytes of the log that were valid (a torn tail past this was dropped).
+    pub valid_len: u64,
+    /// Bytes of a torn last record that were dropped.
+    pub torn_bytes: u64,
+}
+
+/// An open map log that records can be appended to.
+pub struct MapLog {
+    file: File,
+    path: PathBuf,
+    len: u64,
+}
+
+impl MapLog {
+    /// Creates a new, empty log for `layer_id` at `path` (not yet durable: sync it and its
+    /// directory before anything refers to it).
+    pub fn create(path: &Path, layer_id: u64) -> Result<MapLog> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| EngineError::io(path, e))?;
+        file.write_all_at(&header(layer_id), 0)
+            .map_err(|e| EngineError::io(path, e))?;
+        Ok(MapLog {
+            file,
+            path: path.to_path_buf(),
+            len: HEADER_LEN,
+        })
+    }
+
+    /// Writes a fresh log holding `map` as one checkpoint (and a seal if `sealed`), and
+    /// atomically puts it at `path`, replacing any older log there.
+    pub fn write_compacted(path: &Path, layer_id: u64, map: &LayerMap, sealed: bool) -> Result<MapLog> {
+        let mut bytes = header(layer_id).to_vec();
+        let mut payload = Vec::with_capacity(map.serialized_size() + 16);
+        LayerMap::encode(&[&map.present, &map.zeroed], &mut payload);
+        push_record(&mut bytes, Kind::Checkpoint, &payload)?;
+        if sealed {
+            push_record(&mut bytes, Kind::Seal, &[])?;
+        }
+        fsutil::atomic_write(path, &bytes)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| EngineError::io(path, e))?;
+        Ok(MapLog {
+            file,
+            path: path.to_path_buf(),
+            len: bytes.len() as u64,
+        })
+    }
+
+    /// Opens the log of a head layer for appending: replays it, drops a torn last record
+    /// (an unflushed change lost in a crash), and positions appends after the valid part.
+    pub fn open_head(path: &Path, layer_id: u64) -> Result<(MapLog, Replayed)> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| EngineError::io(path, e))?;
+        let replayed = replay(&file, path, layer_id, true)?;
+        if replayed.torn_bytes > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                bytes = replayed.torn_bytes,
+                "dropping a torn record at the end of the map log (an unflushed change)"
+            );
+            file.set_len(replayed.valid_len)
+                .map_err(|e| EngineError::io(path, e))?;
+        }
+        let len = replayed.valid_len;
+        Ok((
+            MapLog {
+                file,
+                path: path.to_path_buf(),
+                len,
+            },
+            replayed,
+        ))
+    }
+
+    /// Reads the map of a frozen layer; the log must be whole and end with a seal.
+    pub fn read_sealed(path: &Path, layer_id: u64) -> Result<LayerMap> {
+        let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+        let r = replay(&file, path, layer_id, false)?;
+        if !r.sealed {
+            return Err(EngineError::corrupt(
+                path,
+                "the map of a frozen layer does not end with a seal record (truncated?)",
+            ));
+        }
+        Ok(r.map)
+    }
+
+    /// Appends the final state of the `touched` blocks (not durable until [`MapLog::sync`]).
+    pub fn append_delta(
+        &mut self,
+        touched: &RoaringBitmap,
+        present: &RoaringBitmap,
+        zeroed: &RoaringBitmap,
+    ) -> Result<()> {
+        let size = touched.serialized_size() + present.serialized_size() + zeroed.serialized_size();
+        let mut payload = Vec::with_capacity(size + 24);
+        LayerMap::encode(&[touched, present, zeroed], &mut payload);
+        self.append(Kind::Delta, &payload)
+    }
+
+    /// Appends a seal: the layer is frozen from here on.
+    pub fn append_seal(&mut self) -> Result<()> {
+        self.append(Kind::Seal, &[])
+    }
+
+    fn append(&mut self, kind: Kind, payload: &[u8]) -> Result<()> {
+        let mut rec = Vec::with_capacity(REC_HEADER_LEN + payload.len());
+        push_record(&mut rec, kind, payload)?;
+        self.file
+            .write_all_at(&rec, self.len)
+            .map_err(|e| EngineError::io(&self.path, e))?;
+        self.len += rec.len() as u64;
+        Ok(())
+    }
+
+    /// Makes every appended record durable.
+    pub fn sync(&self) -> Result<()> {
+        fsutil::sync_data(&self.file, &self.path)
+    }
+
+    /// Current length in bytes (for deciding when to compact).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+fn header(layer_id: u64) -> [u8; HEADER_LEN as usize] {
+    let mut h = [0u8; HEADER_LEN as usize];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[16..24].copy_from_slice(&layer_id.to_le_bytes());
+    let crc = crc32c::crc32c(&h[..24]);
+    h[24..28].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn push_record(out: &mut Vec<u8>, kind: Kind, payload: &[u8]) -> Result<()> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| EngineError::Invalid("map record larger than 4 GiB".into()))?;
+    out.extend_from_slice(&REC_MAGIC.to_le_bytes());
+    out.extend_from_slice(&[kind as u8, 0, 0, 0]);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&record_crc(kind as u8, len, payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+fn record_crc(kind: u8, len: u32, payload: &[u8]) -> u32 {
+    let mut head = [0u8; 5];
+    head[0] = kind;
+    head[1..].copy_from_slice(&len.to_le_bytes());
+    crc32c::crc32c_append(crc32c::crc32c(&head), payload)
+}
+
+fn replay(file: &File, path: &Path, layer_id: u64, allow_torn_tail: bool) -> Result<Replayed> {
+    let size = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
+    if size < HEADER_LEN {
+        return Err(EngineError::corrupt(path, format!("map log is {size} bytes, shorter than its header")));
+    }
+    let mut bytes = vec![0u8; size as usize];
+    file.read_exact_at(&mut bytes, 0)
+        .map_err(|e| EngineError::io(path, e))?;
+    check_header(&bytes[..HEADER_LEN as usize], path, layer_id)?;
+
+    let mut map = LayerMap::default();
+    let mut sealed = false;
+    let mut pos = HEADER_LEN as usize;
+    while pos < bytes.len() {
+        let rest = &bytes[pos..];
+        match parse_record(rest) {
+            Ok((kind, payload, total)) => {
+                match kind {
+                    Kind::Delta => {
+                        let [t, p, z] = LayerMap::decode::<3>(payload).map_err(|e| {
+                            EngineError::corrupt(path, format!("record at byte {pos}: {e}"))
+                        })?;
+                        map.apply(&t, &p, &z);
+                        sealed = false;
+                    }
+                    Kind::Checkpoint => {
+                        let [p, z] = LayerMap::decode::<2>(payload).map_err(|e| {
+                            EngineError::corrupt(path, format!("record at byte {pos}: {e}"))
+                        })?;
+                        map = LayerMap { present: p, zeroed: z };
+                        sealed = false;
+                    }
+                    Kind::Seal => sealed = true,
+                }
+                pos += total;
+            }
+            Err(reason) => {
+                if allow_torn_tail && is_torn_tail(rest) {
+                    return Ok(Replayed {
+                        map,
+                        sealed,
+                        valid_len: pos as u64,
+                        torn_bytes: rest.len() as u64,
+                    });
+                }
+                return Err(EngineError::corrupt(path, format!("record at byte {pos}: {reason}")));
+            }
+        }
+    }
+    Ok(Replayed {
+        map,
+        sealed,
+        valid_len: pos as u64,
+        torn_bytes: 0,
+    })
+}
+
+fn check_header(h: &[u8], path: &Path, layer_id: u64) -> Result<()> {
+    if &h[..8] != MAGIC {
+        return Err(EngineError::corrupt(path, "not a snapblk map log (bad magic)"));
+    }
+    let crc = u32::from_le_bytes([h[24], h[25], h[26], h[27]]);
+    if crc != crc32c::crc32c(&h[..24]) {
+        return Err(EngineError::corrupt(path, "map log header checksum mismatch"));
+    }
+    let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+    if version != VERSION {
+        return Err(EngineError::UnsupportedVersion {
+            path: path.to_path_buf(),
+            found: version,
+            supported: VERSION,
+        });
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&h[16..24]);
+    let found = u64::from_le_bytes(id);
+    if found != layer_id {
+        return Err(EngineError::corrupt(
+            path,
+            format!("map log belongs to layer {found}, expected layer {layer_id}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses one record: (kind, payload, total bytes) or why it is not a valid record.
+fn parse_record(rest: &[u8]) -> std::result::Result<(Kind, &[u8], usize), String> {
+    if rest.len() < REC_HEADER_LEN {
+        return Err(format!("{} bytes left, shorter than a record header", rest.len()));
+    }
+    let word = |i: usize| u32::from_le_bytes([rest[i], rest[i + 1], rest[i + 2], rest[i + 3]]);
+    if word(0) != REC_MAGIC {
+        return Err("bad record magic".into());
+    }
+    let kind = match rest[4] {
+        1 => Kind::Delta,
+        2 => Kind::Checkpoint,
+        3 => Kind::Seal,
+        k => return Err(format!("unknown record kind {k}")),
+    };
+    let len = word(8);
+    if u64::from(len) > MAX_RECORD || REC_HEADER_LEN + len as usize > rest.len() {
+        return Err(format!("record length {len} runs past the end of the log"));
+    }
+    let payload = &rest[REC_HEADER_LEN..REC_HEADER_LEN + len as usize];
+    if word(12) != record_crc(rest[4], len, payload) {
+        return Err("record checksum mismatch".into());
+    }
+    Ok((kind, payload, REC_HEADER_LEN + len as usize))
+}
+
+/// A bad record can be the torn end of an interrupted append only if nothing valid can
+/// follow it: the rest is zeros (space allocated, never written) or a record header whose
+/// claimed length reaches the end of the file (a prefix of the record).
+fn is_torn_tail(rest: &[u8]) -> bool {
+    if rest.iter().all(|&b| b == 0) || rest.len() < REC_HEADER_LEN {
+        return true;
+    }
+    let word = |i: usize| u32::from_le_bytes([rest[i], rest[i + 1], rest[i + 2], rest[i + 3]]);
+    word(0) == REC_MAGIC && REC_HEADER_LEN as u64 + u64::from(word(8)) >= rest.len() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(written: (u32, u64), zeroed: (u32, u64)) -> LayerMap {
+        let mut m = LayerMap::default();
+        m.mark_written(written.0, written.1);
+        m.mark_zeroed(zeroed.0, zeroed.1);
+        m
+    }
+
+    #[test]
+    fn deltas_replay_in_order_and_seal_is_seen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("1.map");
+        let mut log = MapLog::create(&path, 1).expect("create");
+        let a = map((0, 10), (20, 30));
+        log.append_delta(&a.cover(), &a.present, &a.zeroed).expect("append");
+        let b = map((25, 26), (0, 2));
+        log.append_delta(&b.cover(), &b.present, &b.zeroed).expect("append");
+        log.sync().expect("sync");
+        let (_, r) = MapLog::open_head(&path, 1).expect("open");
+        let mut want = a.clone();
+        want.apply(&b.cover(), &b.present, &b.zeroed);
+        assert_eq!(r.map, want);
+        assert!(!r.sealed);
+        assert!(MapLog::read_sealed(&path, 1).is_err(), "unsealed log read as frozen");
+        log.append_seal().expect("seal");
+        assert_eq!(MapLog::read_sealed(&path, 1).expect("sealed"), want);
+    }
+
+    #[test]
+    fn torn_tail_is_dropped_for_a_head_and_refused_for_a_frozen_layer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("2.map");
+        let mut log = MapLog::create(&path, 2).expect("create");
+        let a = map((0, 4), (9, 9));
+        log.append_delta(&a.cover(), &a.present, &a.zeroed).expect("append");
+        let good = log.len();
+        let b = map((100, 200), (9, 9));
+        log.append_delta(&b.cover(), &b.present, &b.zeroed).expect("append");
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.set_len(log.len() - 3).expect("truncate");
+        let (log2, r) = MapLog::open_head(&path, 2).expect("torn tail tolerated");
+        assert_eq!(r.map, a);
+        assert_eq!(log2.len(), good);
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), good);
+    }
+
+    #[test]
+    fn damage_in_the_middle_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("3.map");
+        let mut log = MapLog::create(&path, 3).expect("create");
+        let a = map((0, 4), (9, 9));
+        log.append_delta(&a.cover(), &a.present, &a.zeroed).expect("append");
+        log.append_delta(&a.cover(), &a.present, &a.zeroed).expect("append");
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.write_all_at(&[0xAA], HEADER_LEN + 20).expect("flip");
+        let err = MapLog::open_head(&path, 3).err().expect("must fail");
+        assert!(err.to_string().contains("3.map"), "{err}");
+        assert!(err.to_string().contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn wrong_layer_and_bad_header_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("4.map");
+        MapLog::create(&path, 4).expect("create");
+        assert!(MapLog::open_head(&path, 5).is_err());
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.write_all_at(b"X", 0).expect("write");
+        assert!(MapLog::open_head(&path, 4).is_err());
+    }
+
+    #[test]
+    fn compaction_keeps_the_map() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("5.map");
+        let m = map((7, 70_000), (80_000, 80_010));
+        MapLog::write_compacted(&path, 5, &m, true).expect("compact");
+        assert_eq!(MapLog::read_sealed(&path, 5).expect("read"), m);
+    }
+}

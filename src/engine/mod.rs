@@ -1,0 +1,33 @@
+//! The volume engine: a volume is a stack of layers (frozen ones below, one writable head on
+//! top), each a sparse data file plus a roaring map of the blocks it holds or zeroes.
+//!
+//! - A write goes to the head at the same offset and sets bits in its map: nothing old is
+//!   ever read or copied, so a snapshot (seal the head, push a new one) copies no data.
+//! - A read takes each block from the topmost layer whose map names it, or zeros.
+//! - Durability follows block-device rules: after `flush` (or a FUA write) every write
+//!   acknowledged before it survives a crash; metadata changes are atomic renames.
+//!
+//! The engine knows nothing of ublk: it is plain files, tested on any machine.
+
+mod aligned;
+mod clone;
+mod error;
+mod extent;
+pub mod faults;
+mod fsutil;
+mod layer;
+mod layermap;
+mod maintain;
+mod manifest;
+mod maplog;
+mod plan;
+mod snapshot;
+mod volume;
+
+pub use aligned::AlignedBuf;
+pub use error::{EngineError, Result};
+pub use extent::Extent;
+pub use manifest::MAX_BLOCKS;
+pub use plan::{ReadPlan, ReadSegment, ReadSource};
+pub use snapshot::{validate_snapshot_name, CutReport, SnapshotInfo, SnapshotView};
+pub use volume::{CreateOptions, Volume, VolumeOpenOptions, VolumeStatus, WriteTicket};

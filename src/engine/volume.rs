@@ -1,0 +1,529 @@
+//! A volume: the stack of layers, block I/O on it, flush, and opening/creating its folder.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+
+use super::aligned::AlignedBuf;
+use super::error::{EngineError, Result};
+use super::fsutil;
+use super::layer::{self, Layer};
+use super::manifest::{check_geometry, LayerEntry, Manifest, FORMAT};
+use super::plan::{self, ReadPlan, ReadSource};
+
+/// Name of the lock file that keeps two processes from opening one volume.
+const LOCK_FILE: &str = "lock";
+
+/// How to create a volume.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Size in bytes, a multiple of the block size.
+    pub size: u64,
+    /// Logical block size: 4096 (default) or 512.
+    pub block_size: u32,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            block_size: 4096,
+        }
+    }
+}
+
+/// How to open a volume.
+#[derive(Debug, Clone, Default)]
+pub struct VolumeOpenOptions {
+    /// Open layer data files with O_DIRECT (bypassing the page cache) where the file
+    /// system allows it; a block device server wants this, tests on tmpfs need not.
+    pub direct: bool,
+}
+
+/// The layers of a volume, bottom first; the last one is the writable head.
+pub(crate) type Stack = Arc<[Arc<Layer>]>;
+
+/// Metadata state guarded by one lock: every change to the manifest, and flushes, go
+/// through it one at a time.
+pub(crate) struct Meta {
+    pub manifest: Manifest,
+    /// Next layer id to hand out; ahead of the manifest's while new layers are uncommitted.
+    pub next_layer_id: u64,
+}
+
+impl Meta {
+    /// A fresh layer id, never used in this volume's lineage.
+    pub fn take_layer_id(&mut self) -> u64 {
+        let id = self.next_layer_id.max(self.manifest.next_layer_id);
+        self.next_layer_id = id + 1;
+        id
+    }
+}
+
+pub(crate) struct Inner {
+    pub dir: PathBuf,
+    pub name: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub direct: bool,
+    pub stack: RwLock<Stack>,
+    pub meta: Mutex<Meta>,
+    /// One merge at a time.
+    pub merge: Mutex<()>,
+    _lock: File,
+}
+
+/// An open volume. Cheap to clone; every clone is the same volume. Safe to use from many
+/// threads: reads and writes take only short locks on the maps.
+#[derive(Clone)]
+pub struct Volume {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// A write reserved in the head layer by [`Volume::begin_write`]: write the data at
+/// [`WriteTicket::fd`] / [`WriteTicket::file_offset`], then [`WriteTicket::complete`].
+/// Dropping it uncompleted means the write failed and the map is left as it was.
+pub struct WriteTicket {
+    layer: Arc<Layer>,
+    start: u32,
+    end: u64,
+    offset: u64,
+}
+
+impl WriteTicket {
+    /// File descriptor of the head layer's data file.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.layer.data.as_raw_fd()
+    }
+
+    /// Offset in that file (the same as the device offset).
+    pub fn file_offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Records that the data is in the file: reads see it from now on, and the next
+    /// flush makes it durable.
+    pub fn complete(self) {
+        {
+            let mut st = self.layer.state.write();
+            st.map.mark_written(self.start, self.end);
+            if let Some(r) = super::extent::span(self.start, self.end) {
+                st.touched.insert_range(r);
+            }
+        }
+        // Drop runs leave().
+    }
+}
+
+impl Drop for WriteTicket {
+    fn drop(&mut self) {
+        self.layer.leave();
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A random 128-bit identifier in hex.
+pub(crate) fn random_id() -> String {
+    let mut b = [0u8; 16];
+    // SAFETY: getrandom writes at most b.len() bytes into the live buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // Fall back to time and pid: unique enough for an identifier that is not a secret.
+        let t = now_ms() ^ (u64::from(std::process::id()) << 40);
+        b[..8].copy_from_slice(&t.to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn lock_volume(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| EngineError::io(&path, e))?;
+    // SAFETY: flock on a valid open descriptor.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(EngineError::Busy { path: dir.to_path_buf() });
+        }
+        return Err(EngineError::io(&path, err));
+    }
+    Ok(f)
+}
+
+impl Volume {
+    /// Creates a new volume in `dir` (which must not exist, or be empty) and opens it.
+    pub fn create(dir: &Path, opts: &CreateOptions) -> Result<Volume> {
+        check_geometry(opts.size, opts.block_size).map_err(EngineError::Invalid)?;
+        match fs::read_dir(dir) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Err(EngineError::AlreadyExists { path: dir.to_path_buf() });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+            }
+            Err(e) => return Err(EngineError::io(dir, e)),
+        }
+        let layers_dir = dir.join(layer::LAYERS_DIR);
+        fs::create_dir(&layers_dir).map_err(|e| EngineError::io(&layers_dir, e))?;
+        let manifest = Manifest {
+            format: FORMAT,
+            volume_id: random_id(),
+            size: opts.size,
+            block_size: opts.block_size,
+            created_unix_ms: now_ms(),
+            next_layer_id: 2,
+            next_snapshot_id: 1,
+            layers: vec![LayerEntry {
+                id: 1,
+                merge_pending: false,
+            }],
+            snapshots: vec![],
+            origin: None,
+        };
+        write_new_volume(dir, &manifest)?;
+        Volume::open(dir)
+    }
+
+    /// Opens the volume in `dir` with default options (buffered I/O).
+    pub fn open(dir: &Path) -> Result<Volume> {
+        Volume::open_with(dir, &VolumeOpenOptions::default())
+    }
+
+    /// Opens the volume in `dir`. Refuses a folder that is not a volume, a damaged file
+    /// (naming it), or a volume another process has open.
+    pub fn open_with(dir: &Path, opts: &VolumeOpenOptions) -> Result<Volume> {
+        let md = fs::metadata(dir).map_err(|e| EngineError::io(dir, e))?;
+        if !md.is_dir() {
+            return Err(EngineError::NotAVolume {
+                path: dir.to_path_buf(),
+                file: super::manifest::FILE,
+            });
+        }
+        if !Manifest::path(dir).exists() {
+            return Err(EngineError::NotAVolume {
+                path: dir.to_path_buf(),
+                file: super::manifest::FILE,
+            });
+        }
+        let lock = lock_volume(dir)?;
+        let manifest = Manifest::load(dir)?;
+        remove_leftovers(dir, &manifest)?;
+        let mut layers = Vec::with_capacity(manifest.layers.len());
+        let top = manifest.layers.len() - 1;
+        for (i, entry) in manifest.layers.iter().enumerate() {
+            let l = if i == top {
+                Layer::open_head(dir, entry.id, manifest.size, opts.direct)?
+            } else {
+                Layer::open_frozen(dir, entry.id, manifest.size, opts.direct)?
+            };
+            layers.push(Arc::new(l));
+        }
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.display().to_string());
+        tracing::debug!(volume = %name, layers = layers.len(), snapshots = manifest.snapshots.len(), "opened volume");
+        Ok(Volume {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                name,
+                size: manifest.size,
+                block_size: manifest.block_size,
+                direct: opts.direct,
+                stack: RwLock::new(layers.into()),
+                meta: Mutex::new(Meta {
+                    next_layer_id: manifest.next_layer_id,
+                    manifest,
+                }),
+                merge: Mutex::new(()),
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// Logical block size in bytes.
+    pub fn block_size(&self) -> u32 {
+        self.inner.block_size
+    }
+
+    /// The volume's name: its folder's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The volume's folder.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The volume's unique id (kept by its files; clones get a new one).
+    pub fn id(&self) -> String {
+        self.inner.meta.lock().manifest.volume_id.clone()
+    }
+
+    pub(crate) fn stack(&self) -> Stack {
+        self.inner.stack.read().clone()
+    }
+
+    /// Checks a request and converts it to blocks `[start, end)`.
+    pub(crate) fn blocks(&self, op: &'static str, offset: u64, len: u64) -> Result<(u32, u64)> {
+        let bs = u64::from(self.inner.block_size);
+        let end = offset.checked_add(len).filter(|&e| e <= self.inner.size).ok_or(EngineError::OutOfRange {
+            op,
+            offset,
+            len,
+            size: self.inner.size,
+        })?;
+        if offset % bs != 0 || len % bs != 0 {
+            return Err(EngineError::Unaligned {
+                op,
+                offset,
+                len,
+                block_size: self.inner.block_size,
+            });
+        }
+        Ok(((offset / bs) as u32, end / bs))
+    }
+
+    /// Where each part of the read of `[offset, offset+len)` comes from.
+    pub fn plan_read(&self, offset: u64, len: u64) -> Result<ReadPlan> {
+        let (start, end) = self.blocks("read", offset, len)?;
+        Ok(plan::plan(self.stack(), start, end, self.inner.block_size))
+    }
+
+    /// Reserves a write of `[offset, offset+len)` in the head layer. Never blocks: a cut
+    /// that starts meanwhile waits for this write instead.
+    pub fn begin_write(&self, offset: u64, len: u64) -> Result<WriteTicket> {
+        let (start, end) = self.blocks("write", offset, len)?;
+        let stack = self.inner.stack.read();
+        let head = stack[stack.len() - 1].clone();
+        head.enter();
+        drop(stack);
+        Ok(WriteTicket {
+            layer: head,
+            start,
+            end,
+            offset,
+        })
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (a convenience for tools and tests).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let plan = self.plan_read(offset, buf.len() as u64)?;
+        read_plan(&plan, buf, self.inner.direct)
+    }
+
+    /// Writes `data` at `offset`; with `fua`, it is durable when this returns.
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let ticket = self.begin_write(offset, data.len() as u64)?;
+        let path = &ticket.layer.data_path;
+        if self.inner.direct && !AlignedBuf::is_aligned(data) {
+            let mut bounce = AlignedBuf::new(data.len());
+            bounce.copy_from_slice(data);
+            ticket.layer.data.write_all_at(&bounce, offset)
+        } else {
+            ticket.layer.data.write_all_at(data, offset)
+        }
+        .map_err(|e| EngineError::io(path, e))?;
+        ticket.complete();
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Discards `[offset, offset+len)`: it reads as zeros, older layers are hidden, and
+    /// the head's space there is freed.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range("discard", offset, len)
+    }
+
+    /// Writes zeros to `[offset, offset+len)` without storing them (same as discard).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range("write_zeroes", offset, len)
+    }
+
+    fn zero_range(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
+        let (start, end) = self.blocks(op, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let stack = self.inner.stack.read();
+        let head = stack[stack.len() - 1].clone();
+        let bottom = stack.len() == 1;
+        head.enter();
+        drop(stack);
+        let result = fsutil::punch_hole(&head.data, &head.data_path, offset, len);
+        if result.is_ok() {
+            let mut st = head.state.write();
+            if bottom {
+                // Nothing lies below to hide: forgetting the blocks is enough and costs no map.
+                st.map.clear(start, end);
+            } else {
+                st.map.mark_zeroed(start, end);
+            }
+            if let Some(r) = super::extent::span(start, end) {
+                st.touched.insert_range(r);
+            }
+        }
+        head.leave();
+        result
+    }
+
+    /// Makes every write, discard and snapshot acknowledged before the call durable.
+    /// Blocks on fsync: call it off latency-critical threads.
+    pub fn flush(&self) -> Result<()> {
+        let mut meta = self.inner.meta.lock();
+        self.commit_stack(&mut meta, None)
+    }
+
+    /// Flushes and closes the volume (dropping it without `close` is like a crash: what was
+    /// not flushed may be lost).
+    pub fn close(self) -> Result<()> {
+        self.flush()
+    }
+}
+
+/// Copies the data a plan names into `buf`, with pread (the synchronous path).
+pub(crate) fn read_plan(plan: &ReadPlan, buf: &mut [u8], direct: bool) -> Result<()> {
+    for seg in &plan.segments {
+        let part = &mut buf[seg.buf_offset as usize..(seg.buf_offset + seg.len) as usize];
+        match seg.source {
+            ReadSource::Zero => part.fill(0),
+            ReadSource::File { fd, offset } => {
+                // SAFETY: the plan keeps the layer (and so the descriptor) open while we read;
+                // ManuallyDrop keeps the borrowed descriptor from being closed here.
+                let file = std::mem::ManuallyDrop::new(unsafe {
+                    <File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+                });
+                let res = if direct && !AlignedBuf::is_aligned(part) {
+                    let mut bounce = AlignedBuf::new(part.len());
+                    fsutil::read_full_at(&file, &mut bounce, offset).map(|()| part.copy_from_slice(&bounce))
+                } else {
+                    fsutil::read_full_at(&file, part, offset)
+                };
+                res.map_err(|e| EngineError::io(format!("layer file (fd {fd})"), e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the empty head layer of a new volume (over any base layers already in place)
+/// and its manifest, durably.
+pub(crate) fn write_new_volume(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let head = manifest
+        .layers
+        .last()
+        .ok_or_else(|| EngineError::Invalid("a volume needs a head layer".into()))?;
+    Layer::create_head(dir, head.id, manifest.size, false)?;
+    fsutil::sync_dir(&dir.join(layer::LAYERS_DIR))?;
+    manifest.store(dir)?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fsutil::sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// Removes files a crash left behind: temporary files and layers no manifest names.
+fn remove_leftovers(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let _ = fs::remove_file(dir.join("volume.tmp"));
+    let layers_dir = dir.join(layer::LAYERS_DIR);
+    let entries = fs::read_dir(&layers_dir).map_err(|e| EngineError::io(&layers_dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| EngineError::io(&layers_dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let known = name
+            .split_once('.')
+            .and_then(|(id, ext)| {
+                let id: u64 = id.parse().ok()?;
+                (matches!(ext, "data" | "map") && manifest.layer_pos(id).is_some()).then_some(())
+            })
+            .is_some();
+        if !known {
+            tracing::info!(file = %entry.path().display(), "removing a file left over by an interrupted operation");
+            fs::remove_file(entry.path()).map_err(|e| EngineError::io(entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// A volume's state, for `status` commands and logs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub volume_id: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub snapshots: usize,
+    /// Layers in the stack, the head included.
+    pub layers: usize,
+    /// Layers of deleted snapshots still waiting to be merged.
+    pub pending_merges: usize,
+    /// Bytes written to the head since the last snapshot.
+    pub head_bytes: u64,
+    /// Bytes of data held by all layers (what the volume uses on disk, at most).
+    pub stored_bytes: u64,
+    /// Memory of the layer maps (their serialized size, a close estimate).
+    pub map_bytes: u64,
+    /// Snapshot this volume was cloned from, as `volume-id/snapshot`.
+    pub origin: Option<String>,
+}
+
+impl Volume {
+    /// The volume's state.
+    pub fn status(&self) -> VolumeStatus {
+        let meta = self.inner.meta.lock();
+        let stack = self.stack();
+        let bs = u64::from(self.inner.block_size);
+        let (mut stored, mut map_bytes) = (0u64, 0u64);
+        for l in stack.iter() {
+            let st = l.state.read();
+            stored += st.map.present.len() * bs;
+            map_bytes += st.map.serialized_size() as u64 + st.touched.serialized_size() as u64;
+        }
+        VolumeStatus {
+            name: self.inner.name.clone(),
+            volume_id: meta.manifest.volume_id.clone(),
+            size: self.inner.size,
+            block_size: self.inner.block_size,
+            snapshots: meta.manifest.snapshots.len(),
+            layers: stack.len(),
+            pending_merges: meta.manifest.layers.iter().filter(|l| l.merge_pending).count(),
+            head_bytes: stack[stack.len() - 1].present_blocks() * bs,
+            stored_bytes: stored,
+            map_bytes,
+            origin: meta
+                .manifest
+                .origin
+                .as_ref()
+                .map(|o| format!("{}/{}", o.volume_id, o.snapshot)),
+        }
+    }
+}

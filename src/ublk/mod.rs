@@ -1,0 +1,1 @@
+//! The ublk block device layer (lands in the next commit).

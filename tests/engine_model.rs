@@ -1,0 +1,433 @@
+//! Model-based property test of the engine: random sequences of writes, discards, flushes,
+//! snapshots, deletes, clones, reads, merges and crashes (also in the middle of metadata
+//! changes), each checked against a simple in-memory model after every step.
+//!
+//! A crash drops the volume without flushing and reopens it: every block must then read as
+//! its value at the last flush or as a value written after it (what a block device may
+//! legally return), and nothing flushed may be lost.
+//!
+//! Failing cases are shrunk and their seeds saved by proptest in
+//! `tests/engine_model.proptest-regressions`; commit that file so they are replayed.
+//! More cases: `PROPTEST_CASES=20000 cargo test --release --test engine_model`.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+
+use proptest::prelude::*;
+use snapblk::engine::{faults, CreateOptions, EngineError, Volume};
+
+use common::{block_data, scratch, versions};
+
+const BLOCKS: usize = 40;
+const MAX_LEN: usize = 6;
+
+#[derive(Debug, Clone)]
+enum MetaOp {
+    Snapshot,
+    Delete(usize),
+    Clone(usize),
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { start: usize, len: usize, fua: bool },
+    Discard { start: usize, len: usize },
+    WriteZeroes { start: usize, len: usize },
+    Flush,
+    Snapshot,
+    Delete(usize),
+    Clone(usize),
+    WriteClone { clone: usize, start: usize, len: usize },
+    ReadSnapshot(usize),
+    Changed(usize, usize),
+    Maintain,
+    Crash,
+    CrashDuring { op: MetaOp, step: u64 },
+}
+
+fn range() -> impl Strategy<Value = (usize, usize)> {
+    (1..=MAX_LEN).prop_flat_map(|len| (0..=BLOCKS - len, Just(len)))
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (range(), any::<bool>()).prop_map(|((start, len), fua)| Op::Write { start, len, fua: fua && len % 3 == 0 }),
+        2 => range().prop_map(|(start, len)| Op::Discard { start, len }),
+        1 => range().prop_map(|(start, len)| Op::WriteZeroes { start, len }),
+        2 => Just(Op::Flush),
+        3 => Just(Op::Snapshot),
+        2 => any::<usize>().prop_map(Op::Delete),
+        1 => any::<usize>().prop_map(Op::Clone),
+        1 => (any::<usize>(), range()).prop_map(|(clone, (start, len))| Op::WriteClone { clone, start, len }),
+        1 => any::<usize>().prop_map(Op::ReadSnapshot),
+        1 => (any::<usize>(), any::<usize>()).prop_map(|(a, b)| Op::Changed(a, b)),
+        1 => Just(Op::Maintain),
+        2 => Just(Op::Crash),
+        2 => (prop_oneof![Just(MetaOp::Snapshot), any::<usize>().prop_map(MetaOp::Delete), any::<usize>().prop_map(MetaOp::Clone)], 1u64..12)
+            .prop_map(|(op, step)| Op::CrashDuring { op, step }),
+    ]
+}
+
+/// What the model knows of one snapshot.
+#[derive(Debug, Clone)]
+struct ModelSnap {
+    name: String,
+    content: Vec<u64>,
+    /// Blocks changed between the previous snapshot and this one: surely / possibly
+    /// (a crash makes unflushed changes uncertain).
+    touched_min: BTreeSet<usize>,
+    touched_max: BTreeSet<usize>,
+}
+
+struct ModelClone {
+    dir: PathBuf,
+    vol: Volume,
+    content: Vec<u64>,
+}
+
+struct Harness {
+    dir: PathBuf,
+    root: PathBuf,
+    bs: usize,
+    vol: Option<Volume>,
+    next_version: u64,
+    cur: Vec<u64>,
+    durable: Vec<u64>,
+    since_flush: Vec<HashSet<u64>>,
+    head_min: BTreeSet<usize>,
+    head_max: BTreeSet<usize>,
+    snaps: Vec<ModelSnap>,
+    clones: Vec<ModelClone>,
+    names: u64,
+}
+
+impl Harness {
+    fn new(root: &Path, bs: usize) -> Harness {
+        let dir = root.join("vol");
+        let vol = Volume::create(&dir, &CreateOptions { size: (BLOCKS * bs) as u64, block_size: bs as u32 })
+            .expect("create");
+        Harness {
+            dir,
+            root: root.to_path_buf(),
+            bs,
+            vol: Some(vol),
+            next_version: 1,
+            cur: vec![0; BLOCKS],
+            durable: vec![0; BLOCKS],
+            since_flush: vec![HashSet::new(); BLOCKS],
+            head_min: BTreeSet::new(),
+            head_max: BTreeSet::new(),
+            snaps: vec![],
+            clones: vec![],
+            names: 0,
+        }
+    }
+
+    fn vol(&self) -> &Volume {
+        self.vol.as_ref().expect("volume open")
+    }
+
+    fn set(&mut self, start: usize, len: usize, v: Option<u64>) {
+        for b in start..start + len {
+            let val = v.map(|x| x + (b - start) as u64).unwrap_or(0);
+            self.cur[b] = val;
+            self.since_flush[b].insert(val);
+            self.head_max.insert(b);
+        }
+    }
+
+    fn flushed(&mut self) {
+        self.durable = self.cur.clone();
+        self.since_flush.iter_mut().for_each(HashSet::clear);
+        self.head_min = self.head_max.clone();
+    }
+
+    fn write_data(&mut self, start: usize, len: usize) -> (Vec<u8>, u64) {
+        let v = self.next_version;
+        self.next_version += len as u64;
+        let mut data = Vec::with_capacity(len * self.bs);
+        for i in 0..len {
+            data.extend(block_data(v + i as u64, self.bs));
+        }
+        (data, v)
+    }
+
+    fn read_all(&self, read: impl Fn(&mut [u8]) -> Result<(), EngineError>) -> Vec<Option<u64>> {
+        let mut buf = vec![0u8; BLOCKS * self.bs];
+        read(&mut buf).expect("read");
+        versions(&buf, self.bs)
+    }
+
+    fn check_live(&self) -> Result<(), TestCaseError> {
+        let got = self.read_all(|b| self.vol().read(0, b));
+        let want: Vec<_> = self.cur.iter().map(|&v| Some(v)).collect();
+        prop_assert_eq!(got, want, "live volume differs from the model");
+        Ok(())
+    }
+
+    fn check_snapshots(&self) -> Result<(), TestCaseError> {
+        let listed: Vec<String> = self.vol().list_snapshots().into_iter().map(|s| s.name).collect();
+        let model: Vec<String> = self.snaps.iter().map(|s| s.name.clone()).collect();
+        prop_assert_eq!(listed, model, "snapshot list differs");
+        for s in &self.snaps {
+            let got = self.read_all(|b| self.vol().read_snapshot(&s.name, 0, b));
+            let want: Vec<_> = s.content.iter().map(|&v| Some(v)).collect();
+            prop_assert_eq!(got, want, "snapshot {} differs", s.name);
+            let alloc = self.vol().allocated_extents(&s.name).expect("allocated");
+            let mut blocks = BTreeSet::new();
+            for e in alloc {
+                for b in e.offset / self.bs as u64..(e.offset + e.length) / self.bs as u64 {
+                    blocks.insert(b as usize);
+                }
+            }
+            let want: BTreeSet<usize> = (0..BLOCKS).filter(|&b| s.content[b] != 0).collect();
+            prop_assert_eq!(blocks, want, "allocated blocks of {} differ", s.name);
+        }
+        for c in &self.clones {
+            let got = self.read_all(|b| c.vol.read(0, b));
+            let want: Vec<_> = c.content.iter().map(|&v| Some(v)).collect();
+            prop_assert_eq!(got, want, "clone {} differs", c.dir.display());
+        }
+        Ok(())
+    }
+
+    /// Drops the volume as a crash would and reopens it; checks what a crash may do.
+    fn crash(&mut self) -> Result<(), TestCaseError> {
+        faults::disarm();
+        self.vol = None;
+        self.vol = Some(Volume::open(&self.dir).map_err(|e| TestCaseError::fail(format!("reopen: {e}")))?);
+        let got = self.read_all(|b| self.vol().read(0, b));
+        for b in 0..BLOCKS {
+            let v = got[b].ok_or_else(|| TestCaseError::fail(format!("block {b} is torn after a crash")))?;
+            prop_assert!(
+                v == self.durable[b] || self.since_flush[b].contains(&v),
+                "block {} reads version {} after a crash; flushed {}, written since {:?}",
+                b, v, self.durable[b], self.since_flush[b]
+            );
+            self.cur[b] = v;
+        }
+        self.durable = self.cur.clone();
+        self.since_flush.iter_mut().for_each(HashSet::clear);
+        Ok(())
+    }
+
+    fn new_name(&mut self) -> String {
+        self.names += 1;
+        format!("snap-{}", self.names)
+    }
+
+    fn snapshot(&mut self) -> Result<(), EngineError> {
+        let name = self.new_name();
+        self.vol().create_snapshot(&name)?;
+        self.flushed();
+        self.snaps.push(ModelSnap {
+            name,
+            content: self.cur.clone(),
+            touched_min: std::mem::take(&mut self.head_min),
+            touched_max: std::mem::take(&mut self.head_max),
+        });
+        Ok(())
+    }
+
+    fn delete(&mut self, idx: usize) -> Result<(), EngineError> {
+        let name = self.snaps[idx].name.clone();
+        self.vol().delete_snapshot(&name)?;
+        self.forget_snapshot(idx);
+        Ok(())
+    }
+
+    fn forget_snapshot(&mut self, idx: usize) {
+        let gone = self.snaps.remove(idx);
+        let (min, max) = match self.snaps.get_mut(idx) {
+            Some(next) => (&mut next.touched_min, &mut next.touched_max),
+            None => (&mut self.head_min, &mut self.head_max),
+        };
+        min.extend(gone.touched_min);
+        max.extend(gone.touched_max);
+    }
+
+    fn clone_snap(&mut self, idx: usize) -> Result<(), EngineError> {
+        let dir = self.root.join(format!("clone-{}", self.clones.len() + self.names as usize * 100));
+        let vol = self.vol().clone_snapshot(&self.snaps[idx].name, &dir)?;
+        self.clones.push(ModelClone { dir, vol, content: self.snaps[idx].content.clone() });
+        Ok(())
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), TestCaseError> {
+        let bs = self.bs as u64;
+        match op.clone() {
+            Op::Write { start, len, fua } => {
+                let (data, v) = self.write_data(start, len);
+                self.vol().write(start as u64 * bs, &data, fua).expect("write");
+                self.set(start, len, Some(v));
+                if fua {
+                    self.flushed();
+                }
+            }
+            Op::Discard { start, len } => {
+                self.vol().discard(start as u64 * bs, len as u64 * bs).expect("discard");
+                self.set(start, len, None);
+            }
+            Op::WriteZeroes { start, len } => {
+                self.vol().write_zeroes(start as u64 * bs, len as u64 * bs).expect("write_zeroes");
+                self.set(start, len, None);
+            }
+            Op::Flush => {
+                self.vol().flush().expect("flush");
+                self.flushed();
+            }
+            Op::Snapshot => self.snapshot().expect("snapshot"),
+            Op::Delete(i) => {
+                if !self.snaps.is_empty() {
+                    self.delete(i % self.snaps.len()).expect("delete");
+                    self.check_snapshots()?;
+                }
+            }
+            Op::Clone(i) => {
+                if !self.snaps.is_empty() && self.clones.len() < 3 {
+                    self.clone_snap(i % self.snaps.len()).expect("clone");
+                }
+            }
+            Op::WriteClone { clone, start, len } => {
+                if !self.clones.is_empty() {
+                    let (data, v) = self.write_data(start, len);
+                    let c = clone % self.clones.len();
+                    self.clones[c].vol.write(start as u64 * bs, &data, false).expect("clone write");
+                    for b in start..start + len {
+                        self.clones[c].content[b] = v + (b - start) as u64;
+                    }
+                }
+            }
+            Op::ReadSnapshot(_) => self.check_snapshots()?,
+            Op::Changed(a, b) => {
+                let n = self.snaps.len();
+                if n >= 2 {
+                    let (i, j) = (a % n, b % n);
+                    let (i, j) = (i.min(j), i.max(j));
+                    let r = self.vol().changed_extents(&self.snaps[i].name, &self.snaps[j].name);
+                    if i == j {
+                        prop_assert!(r.is_err(), "changed blocks of a snapshot against itself must be refused");
+                    } else {
+                        let mut got = BTreeSet::new();
+                        for e in r.expect("changed") {
+                            for blk in e.offset / bs..(e.offset + e.length) / bs {
+                                got.insert(blk as usize);
+                            }
+                        }
+                        let mut min = BTreeSet::new();
+                        let mut max = BTreeSet::new();
+                        for s in &self.snaps[i + 1..=j] {
+                            min.extend(s.touched_min.iter().copied());
+                            max.extend(s.touched_max.iter().copied());
+                        }
+                        prop_assert!(min.is_subset(&got) && got.is_subset(&max),
+                            "changed blocks {:?} not between {:?} and {:?}", got, min, max);
+                    }
+                }
+            }
+            Op::Maintain => {
+                self.vol().maintain().expect("maintain");
+                self.check_snapshots()?;
+            }
+            Op::Crash => {
+                self.crash()?;
+                self.check_snapshots()?;
+            }
+            Op::CrashDuring { op, step } => {
+                let before: Vec<String> = self.snaps.iter().map(|s| s.name.clone()).collect();
+                faults::crash_after(step);
+                let result = match op {
+                    MetaOp::Snapshot => {
+                        let name = format!("snap-{}", self.names + 1);
+                        let r = self.snapshot();
+                        if r.is_err() {
+                            // The cut flushed (or not) before the crash: either is allowed.
+                            self.crash()?;
+                            let listed: Vec<String> = self.vol().list_snapshots().into_iter().map(|s| s.name).collect();
+                            if listed.contains(&name) {
+                                self.snaps.push(ModelSnap {
+                                    name,
+                                    content: self.cur.clone(),
+                                    touched_min: std::mem::take(&mut self.head_min),
+                                    touched_max: std::mem::take(&mut self.head_max),
+                                });
+                            }
+                            self.check_snapshots()?;
+                            return Ok(());
+                        }
+                        r
+                    }
+                    MetaOp::Delete(i) if !self.snaps.is_empty() => {
+                        let idx = i % self.snaps.len();
+                        let name = self.snaps[idx].name.clone();
+                        let r = self.delete(idx);
+                        if r.is_err() {
+                            self.crash()?;
+                            let listed: Vec<String> = self.vol().list_snapshots().into_iter().map(|s| s.name).collect();
+                            if !listed.contains(&name) {
+                                self.forget_snapshot(idx);
+                            }
+                            self.check_snapshots()?;
+                            return Ok(());
+                        }
+                        r
+                    }
+                    MetaOp::Clone(i) if !self.snaps.is_empty() && self.clones.len() < 3 => {
+                        let idx = i % self.snaps.len();
+                        let dir = self.root.join(format!("clone-{}", self.clones.len() + self.names as usize * 100));
+                        let r = self.clone_snap(idx);
+                        if r.is_err() {
+                            faults::disarm();
+                            // A clone is either whole or absent.
+                            prop_assert!(!dir.exists(), "a failed clone left {}", dir.display());
+                            self.crash()?;
+                            self.check_snapshots()?;
+                            return Ok(());
+                        }
+                        r
+                    }
+                    _ => Ok(()),
+                };
+                faults::disarm();
+                prop_assert!(result.is_ok(), "unexpected error {:?}", result.err());
+                let after: Vec<String> = self.snaps.iter().map(|s| s.name.clone()).collect();
+                let _ = (before, after);
+            }
+        }
+        self.check_live()
+    }
+}
+
+fn run(ops: Vec<Op>, bs: usize) -> Result<(), TestCaseError> {
+    let root = scratch();
+    let mut h = Harness::new(root.path(), bs);
+    for op in &ops {
+        h.apply(op)?;
+    }
+    h.vol().maintain().expect("maintain");
+    h.check_snapshots()?;
+    h.crash()?;
+    h.check_snapshots()?;
+    faults::disarm();
+    Ok(())
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1500)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 4000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn engine_matches_model_4k(ops in proptest::collection::vec(op(), 1..40)) {
+        run(ops, 4096)?;
+    }
+
+    #[test]
+    fn engine_matches_model_512(ops in proptest::collection::vec(op(), 1..40)) {
+        run(ops, 512)?;
+    }
+}
