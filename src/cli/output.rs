@@ -13,7 +13,11 @@ pub enum Format {
 }
 
 /// Prints `value` as JSON, or the human text `human` renders.
-pub fn print<T: Serialize>(format: Format, value: &T, human: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+pub fn print<T: Serialize>(
+    format: Format,
+    value: &T,
+    human: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
         Format::Human => {

@@ -14,7 +14,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 "G" => 1 << 30,
                 "T" => 1 << 40,
                 "P" => 1 << 50,
-                _ => return Err(format!("{s:?}: unknown unit (use K, M, G, T or P, powers of 1024)")),
+                _ => {
+                    return Err(format!(
+                        "{s:?}: unknown unit (use K, M, G, T or P, powers of 1024)"
+                    ))
+                }
             };
             (&t[..i], mult)
         }
@@ -23,7 +27,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .trim()
         .parse()
         .map_err(|_| format!("{s:?} is not a size (examples: 4096, 64K, 256M, 10G)"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// Formats bytes for people: `1.5 GiB`.

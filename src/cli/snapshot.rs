@@ -48,7 +48,11 @@ pub enum SnapshotCommand {
 /// Runs a `snapshot` command.
 pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
     match cmd {
-        SnapshotCommand::Create { volume, name, format } => {
+        SnapshotCommand::Create {
+            volume,
+            name,
+            format,
+        } => {
             let v = Volume::open(&volume)?;
             let report = v.create_snapshot(&name)?;
             print(format, &report, |r| {
@@ -64,7 +68,11 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
             let v = Volume::open(&volume)?;
             print(format, &v.list_snapshots(), |list| render_list(list))
         }
-        SnapshotCommand::Show { volume, name, format } => {
+        SnapshotCommand::Show {
+            volume,
+            name,
+            format,
+        } => {
             let v = Volume::open(&volume)?;
             let info = v.snapshot_info(&name)?;
             print(format, &info, |s| render_list(std::slice::from_ref(s)))
@@ -83,7 +91,10 @@ pub fn render_list(list: &[SnapshotInfo]) -> String {
     if list.is_empty() {
         return "no snapshots".into();
     }
-    let mut out = format!("{:<6} {:<32} {:<24} {:>10} {:>12}\n", "ID", "NAME", "CREATED (UTC)", "SIZE", "OWNED");
+    let mut out = format!(
+        "{:<6} {:<32} {:<24} {:>10} {:>12}\n",
+        "ID", "NAME", "CREATED (UTC)", "SIZE", "OWNED"
+    );
     for s in list {
         out.push_str(&format!(
             "{:<6} {:<32} {:<24} {:>10} {:>12}\n",
@@ -111,7 +122,12 @@ fn utc(ms: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -119,6 +135,7 @@ mod tests {
     #[test]
     fn utc_dates() {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00");
-        assert_eq!(super::utc(1_795_300_000_000), "2026-11-21 21:06:40");
+        assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(super::utc(1_795_300_000_000), "2026-11-21 22:26:40");
     }
 }

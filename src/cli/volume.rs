@@ -68,10 +68,19 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
             let v = Volume::open(&dir)?;
             print(format, &v.status(), render_status)
         }
-        VolumeCommand::Clone { dir, snapshot, new_dir } => {
+        VolumeCommand::Clone {
+            dir,
+            snapshot,
+            new_dir,
+        } => {
             let v = Volume::open(&dir)?;
             let c = v.clone_snapshot(&snapshot, &new_dir)?;
-            println!("cloned snapshot {snapshot} of {} into volume {} ({})", v.name(), c.name(), new_dir.display());
+            println!(
+                "cloned snapshot {snapshot} of {} into volume {} ({})",
+                v.name(),
+                c.name(),
+                new_dir.display()
+            );
             Ok(())
         }
     }

@@ -32,7 +32,7 @@ impl AlignedBuf {
 
     /// True when `buf` can be used for O_DIRECT as it is.
     pub fn is_aligned(buf: &[u8]) -> bool {
-        (buf.as_ptr() as usize) % ALIGN == 0 && buf.len() % 512 == 0
+        (buf.as_ptr() as usize).is_multiple_of(ALIGN) && buf.len().is_multiple_of(512)
     }
 }
 

@@ -21,9 +21,9 @@ impl Volume {
                 path: new_dir.to_path_buf(),
             });
         }
-        let file_name = new_dir
-            .file_name()
-            .ok_or_else(|| EngineError::Invalid(format!("{} is not a folder name", new_dir.display())))?;
+        let file_name = new_dir.file_name().ok_or_else(|| {
+            EngineError::Invalid(format!("{} is not a folder name", new_dir.display()))
+        })?;
         let parent = new_dir
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -58,7 +58,11 @@ impl Volume {
             let pos = stack
                 .iter()
                 .position(|l| l.id == entry.layer)
-                .ok_or_else(|| EngineError::Invalid(format!("layer of snapshot {snapshot:?} is not in the stack")))?;
+                .ok_or_else(|| {
+                    EngineError::Invalid(format!(
+                        "layer of snapshot {snapshot:?} is not in the stack"
+                    ))
+                })?;
             let layers: Vec<_> = stack[..=pos].to_vec();
             // Link while holding the metadata lock, so no merge swaps these files meanwhile.
             for l in &layers {
@@ -112,11 +116,18 @@ impl Volume {
                     .create_new(true)
                     .open(&dst)
                     .map_err(|e| EngineError::io(&dst, e))?;
-                out.set_len(self.inner.size).map_err(|e| EngineError::io(&dst, e))?;
+                out.set_len(self.inner.size)
+                    .map_err(|e| EngineError::io(&dst, e))?;
                 let bs = u64::from(self.inner.block_size);
                 let present = l.state.read().map.present.clone();
                 for (s, e) in runs(&present) {
-                    fsutil::copy_range(&l.data, &out, &dst, u64::from(s) * bs, (e - u64::from(s)) * bs)?;
+                    fsutil::copy_range(
+                        &l.data,
+                        &out,
+                        &dst,
+                        u64::from(s) * bs,
+                        (e - u64::from(s)) * bs,
+                    )?;
                 }
                 fsutil::sync_data(&out, &dst)
             }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// A request reaching past the end of the volume.
-    #[error("{op} at offset {offset} length {len} reaches past the end of the volume ({size} bytes)")]
+    #[error(
+        "{op} at offset {offset} length {len} reaches past the end of the volume ({size} bytes)"
+    )]
     OutOfRange {
         op: &'static str,
         offset: u64,
@@ -77,7 +79,10 @@ impl EngineError {
 
     /// Wraps an I/O error with the path it happened on.
     pub(crate) fn io(path: impl Into<PathBuf>, err: io::Error) -> Self {
-        EngineError::Io { path: path.into(), err }
+        EngineError::Io {
+            path: path.into(),
+            err,
+        }
     }
 
     /// A corruption report for `path`.

@@ -97,10 +97,22 @@ mod tests {
         assert_eq!(
             extents(&bm, 4096),
             vec![
-                Extent { offset: 0, length: 8192 },
-                Extent { offset: 20480, length: 4096 }
+                Extent {
+                    offset: 0,
+                    length: 8192
+                },
+                Extent {
+                    offset: 20480,
+                    length: 4096
+                }
             ]
         );
-        assert_eq!(extents(&bm, 512)[1], Extent { offset: 2560, length: 512 });
+        assert_eq!(
+            extents(&bm, 512)[1],
+            Extent {
+                offset: 2560,
+                length: 512
+            }
+        );
     }
 }

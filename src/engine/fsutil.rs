@@ -84,7 +84,13 @@ fn write_zeros(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
 
 /// Copies `[offset, offset+len)` of `src` to the same offsets of `dst` inside the kernel
 /// (copy_file_range: a reflink on XFS and btrfs), with a plain copy where it is refused.
-pub(crate) fn copy_range(src: &File, dst: &File, dst_path: &Path, offset: u64, len: u64) -> Result<()> {
+pub(crate) fn copy_range(
+    src: &File,
+    dst: &File,
+    dst_path: &Path,
+    offset: u64,
+    len: u64,
+) -> Result<()> {
     let mut done = 0u64;
     while done < len {
         let mut off_in = (offset + done) as libc::loff_t;
@@ -111,7 +117,10 @@ pub(crate) fn copy_range(src: &File, dst: &File, dst_path: &Path, offset: u64, l
         }
         let err = std::io::Error::last_os_error();
         match err.raw_os_error() {
-            Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {
+            Some(libc::EXDEV)
+            | Some(libc::EINVAL)
+            | Some(libc::ENOSYS)
+            | Some(libc::EOPNOTSUPP) => {
                 return copy_plain(src, dst, dst_path, offset + done, len - done);
             }
             Some(libc::EINTR) => continue,
@@ -127,7 +136,8 @@ fn copy_plain(src: &File, dst: &File, dst_path: &Path, offset: u64, len: u64) ->
     let mut done = 0;
     while done < len {
         let n = CHUNK.min(len - done) as usize;
-        read_full_at(src, &mut buf[..n], offset + done).map_err(|e| EngineError::io(dst_path, e))?;
+        read_full_at(src, &mut buf[..n], offset + done)
+            .map_err(|e| EngineError::io(dst_path, e))?;
         dst.write_all_at(&buf[..n], offset + done)
             .map_err(|e| EngineError::io(dst_path, e))?;
         done += n as u64;
@@ -158,7 +168,9 @@ pub(crate) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io:
 pub(crate) fn link_or_copy(src: &Path, dst: &Path) -> Result<bool> {
     match fs::hard_link(src, dst) {
         Ok(()) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) || e.raw_os_error() == Some(libc::EPERM) => {
+        Err(e)
+            if e.raw_os_error() == Some(libc::EXDEV) || e.raw_os_error() == Some(libc::EPERM) =>
+        {
             let s = File::open(src).map_err(|e| EngineError::io(src, e))?;
             let len = s.metadata().map_err(|e| EngineError::io(src, e))?.len();
             let d = OpenOptions::new()

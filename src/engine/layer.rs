@@ -83,7 +83,14 @@ fn finish_data(f: File, path: &Path, create_size: Option<u64>) -> Result<File> {
 }
 
 impl Layer {
-    fn new(id: u64, data: File, data_path: PathBuf, map: LayerMap, log: Option<MapLog>, sealed: bool) -> Layer {
+    fn new(
+        id: u64,
+        data: File,
+        data_path: PathBuf,
+        map: LayerMap,
+        log: Option<MapLog>,
+        sealed: bool,
+    ) -> Layer {
         Layer {
             id,
             data,
@@ -101,21 +108,38 @@ impl Layer {
         }
     }
 
-    /// Creates the files of a new, empty head layer and makes them durable (their folder
-    /// entry is not: sync the layers folder before anything refers to the layer).
+    /// Creates the files of a new, empty head layer. Only their folder entries must be made
+    /// durable (sync the layers folder) before anything refers to the layer: the data file's
+    /// size and the journal's header become durable with the layer's first flush, and
+    /// [`Layer::open_head`] accepts a head whose creation a crash left incomplete.
     pub fn create_head(dir: &Path, id: u64, size: u64, direct: bool) -> Result<Layer> {
         let dpath = data_path(dir, id);
         let data = open_data(&dpath, direct, Some(size))?;
-        super::fsutil::sync_data(&data, &dpath)?;
         let log = MapLog::create(&map_path(dir, id), id)?;
-        log.sync()?;
-        Ok(Layer::new(id, data, dpath, LayerMap::default(), Some(log), false))
+        Ok(Layer::new(
+            id,
+            data,
+            dpath,
+            LayerMap::default(),
+            Some(log),
+            false,
+        ))
     }
 
     /// Opens the head layer `id`, replaying its journal.
     pub fn open_head(dir: &Path, id: u64, size: u64, direct: bool) -> Result<Layer> {
         let dpath = data_path(dir, id);
         let data = open_data(&dpath, direct, None)?;
+        let len = data
+            .metadata()
+            .map_err(|e| EngineError::io(&dpath, e))?
+            .len();
+        if len < size {
+            // A head created just before a crash, whose size was never flushed: it holds no
+            // flushed data past its end (data is synced before the map names it).
+            tracing::info!(path = %dpath.display(), len, size, "extending a head layer whose creation was interrupted");
+            data.set_len(size).map_err(|e| EngineError::io(&dpath, e))?;
+        }
         check_size(&data, &dpath, size)?;
         let (log, replayed) = MapLog::open_head(&map_path(dir, id), id)?;
         let mut map = replayed.map;
@@ -135,8 +159,18 @@ impl Layer {
 
     /// A frozen twin of this layer with another map (same data file), for merges.
     pub fn with_map(&self, map: LayerMap) -> Result<Layer> {
-        let data = self.data.try_clone().map_err(|e| EngineError::io(&self.data_path, e))?;
-        Ok(Layer::new(self.id, data, self.data_path.clone(), map, None, true))
+        let data = self
+            .data
+            .try_clone()
+            .map_err(|e| EngineError::io(&self.data_path, e))?;
+        Ok(Layer::new(
+            self.id,
+            data,
+            self.data_path.clone(),
+            map,
+            None,
+            true,
+        ))
     }
 
     /// True when another volume (a clone) shares this layer's files: they must not change.
@@ -157,7 +191,8 @@ impl Layer {
 
     /// Ends a write counted by [`Layer::enter`], waking a cut that waits for the drain.
     pub fn leave(&self) {
-        if self.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && self.draining.load(Ordering::SeqCst) {
+        if self.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && self.draining.load(Ordering::SeqCst)
+        {
             let _g = self.drain_lock.lock();
             self.drained.notify_all();
         }
@@ -203,14 +238,20 @@ impl Layer {
             let zeroed = &st.map.zeroed & &touched;
             // A journal much larger than the map it describes is rewritten as one checkpoint,
             // taken here, under the same lock, so it matches what the data sync covers.
-            let compact = (log.len() > 4 * st.map.serialized_size() as u64 + (4 << 20)).then(|| st.map.clone());
+            let compact = (log.len() > 4 * st.map.serialized_size() as u64 + (4 << 20))
+                .then(|| st.map.clone());
             (touched, present, zeroed, compact)
         };
         let result = (|| {
             super::fsutil::sync_data(&self.data, &self.data_path)?;
             match &compact {
                 Some(map) => {
-                    *log = MapLog::write_compacted(&self.data_path.with_extension("map"), self.id, map, seal)?;
+                    *log = MapLog::write_compacted(
+                        &self.data_path.with_extension("map"),
+                        self.id,
+                        map,
+                        seal,
+                    )?;
                 }
                 None => {
                     if !touched.is_empty() {

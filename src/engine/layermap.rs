@@ -40,7 +40,12 @@ impl LayerMap {
 
     /// Applies a journalled change: every block of `touched` takes its final state, data
     /// for those in `present`, zeros for those in `zeroed`, nothing for the rest.
-    pub fn apply(&mut self, touched: &RoaringBitmap, present: &RoaringBitmap, zeroed: &RoaringBitmap) {
+    pub fn apply(
+        &mut self,
+        touched: &RoaringBitmap,
+        present: &RoaringBitmap,
+        zeroed: &RoaringBitmap,
+    ) {
         self.present -= touched;
         self.zeroed -= touched;
         self.present |= present;
@@ -93,14 +98,20 @@ impl LayerMap {
             bytes.read_exact(&mut len)?;
             let len = u64::from_le_bytes(len);
             if len > bytes.len() as u64 {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "bitmap length past the record"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "bitmap length past the record",
+                ));
             }
             let (head, rest) = bytes.split_at(len as usize);
             *slot = RoaringBitmap::deserialize_from(head)?;
             bytes = rest;
         }
         if !bytes.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "trailing bytes after the bitmaps"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "trailing bytes after the bitmaps",
+            ));
         }
         Ok(out)
     }

@@ -25,24 +25,24 @@ impl Volume {
     pub fn maintain(&self) -> Result<()> {
         let _one = self.inner.merge.lock();
         loop {
-            let (lower, upper, pos, upper_live) = {
+            let (lower, upper, upper_live) = {
                 let meta = self.inner.meta.lock();
                 let stack = self.stack();
                 let Some(entry) = meta.manifest.layers.iter().find(|l| l.merge_pending) else {
                     return Ok(());
                 };
-                let pos = stack
-                    .iter()
-                    .position(|l| l.id == entry.id)
-                    .ok_or_else(|| EngineError::Invalid(format!("pending layer {} is not in the stack", entry.id)))?;
+                let pos = stack.iter().position(|l| l.id == entry.id).ok_or_else(|| {
+                    EngineError::Invalid(format!("pending layer {} is not in the stack", entry.id))
+                })?;
                 let upper = stack[pos + 1].clone();
-                let live = pos + 1 == stack.len() - 1 || !upper.sealed.load(std::sync::atomic::Ordering::SeqCst);
-                (stack[pos].clone(), upper, pos, live)
+                let live = pos + 1 == stack.len() - 1
+                    || !upper.sealed.load(std::sync::atomic::Ordering::SeqCst);
+                (stack[pos].clone(), upper, live)
             };
             if upper_live {
                 return self.release_covered(&lower, &upper);
             }
-            self.merge_into_upper(&lower, &upper, pos)?;
+            self.merge_into_upper(&lower, &upper)?;
         }
     }
 
@@ -66,7 +66,12 @@ impl Volume {
         if new_map == lower.state.read().map || lower.is_shared()? {
             return Ok(());
         }
-        MapLog::write_compacted(&layer::map_path(&self.inner.dir, lower.id), lower.id, &new_map, true)?;
+        MapLog::write_compacted(
+            &layer::map_path(&self.inner.dir, lower.id),
+            lower.id,
+            &new_map,
+            true,
+        )?;
         let replacement = Arc::new(lower.with_map(new_map)?);
         self.replace_layers(&[lower.id], replacement, |_| {})?;
         // Reads planned before the swap may still use the old map: wait for them to finish
@@ -90,17 +95,15 @@ impl Volume {
     }
 
     /// Merges the frozen `lower` (at stack position `pos`) into the frozen layer above it.
-    fn merge_into_upper(&self, lower: &Arc<Layer>, upper: &Arc<Layer>, pos: usize) -> Result<()> {
+    fn merge_into_upper(&self, lower: &Arc<Layer>, upper: &Arc<Layer>) -> Result<()> {
         let t0 = Instant::now();
+        // The merged map keeps its zeroed blocks even at the bottom of the stack: it is
+        // written before the commit that removes `lower`, so it must stay right above it.
         let (copy, mut merged) = {
             let lo = lower.state.read();
             let up = upper.state.read();
             (&lo.map.present - &up.map.cover(), up.map.over(&lo.map))
         };
-        if pos == 0 {
-            // Nothing lies below the bottom layer: zeros need no marking there.
-            merged.zeroed.clear();
-        }
         merged.optimize();
         let bs = u64::from(self.inner.block_size);
         let dir = &self.inner.dir;
@@ -110,10 +113,22 @@ impl Volume {
             let fresh = Layer::create_head(dir, id, self.inner.size, self.inner.direct)?;
             let present = upper.state.read().map.present.clone();
             for (s, e) in runs(&present) {
-                fsutil::copy_range(&upper.data, &fresh.data, &fresh.data_path, u64::from(s) * bs, (e - u64::from(s)) * bs)?;
+                fsutil::copy_range(
+                    &upper.data,
+                    &fresh.data,
+                    &fresh.data_path,
+                    u64::from(s) * bs,
+                    (e - u64::from(s)) * bs,
+                )?;
             }
             for (s, e) in runs(&copy) {
-                fsutil::copy_range(&lower.data, &fresh.data, &fresh.data_path, u64::from(s) * bs, (e - u64::from(s)) * bs)?;
+                fsutil::copy_range(
+                    &lower.data,
+                    &fresh.data,
+                    &fresh.data_path,
+                    u64::from(s) * bs,
+                    (e - u64::from(s)) * bs,
+                )?;
             }
             fsutil::sync_data(&fresh.data, &fresh.data_path)?;
             MapLog::write_compacted(&layer::map_path(dir, id), id, &merged, true)?;
@@ -122,7 +137,13 @@ impl Volume {
             // Blocks the upper map does not name are invisible: fill them in place, then
             // switch the upper map; the content of every view stays the same throughout.
             for (s, e) in runs(&copy) {
-                fsutil::copy_range(&lower.data, &upper.data, &upper.data_path, u64::from(s) * bs, (e - u64::from(s)) * bs)?;
+                fsutil::copy_range(
+                    &lower.data,
+                    &upper.data,
+                    &upper.data_path,
+                    u64::from(s) * bs,
+                    (e - u64::from(s)) * bs,
+                )?;
             }
             fsutil::sync_data(&upper.data, &upper.data_path)?;
             MapLog::write_compacted(&layer::map_path(dir, upper.id), upper.id, &merged, true)?;
@@ -134,7 +155,10 @@ impl Volume {
                 s.layer = target_id;
             }
         })?;
-        for id in [lower_id].into_iter().chain((upper_id != target_id).then_some(upper_id)) {
+        for id in [lower_id]
+            .into_iter()
+            .chain((upper_id != target_id).then_some(upper_id))
+        {
             for p in [layer::data_path(dir, id), layer::map_path(dir, id)] {
                 if let Err(e) = std::fs::remove_file(&p) {
                     tracing::warn!(file = %p.display(), error = %e, "could not remove a merged layer file; it is removed at the next open");
@@ -154,7 +178,12 @@ impl Volume {
 
     /// Replaces the consecutive layers `ids` by `with` in the manifest (durably) and in the
     /// stack; `edit` adjusts the rest of the manifest in the same commit.
-    fn replace_layers(&self, ids: &[u64], with: Arc<Layer>, edit: impl FnOnce(&mut super::manifest::Manifest)) -> Result<()> {
+    fn replace_layers(
+        &self,
+        ids: &[u64],
+        with: Arc<Layer>,
+        edit: impl FnOnce(&mut super::manifest::Manifest),
+    ) -> Result<()> {
         let mut meta = self.inner.meta.lock();
         let mut m = meta.manifest.clone();
         let first = m

@@ -81,12 +81,13 @@ impl Manifest {
             }
             Err(e) => return Err(EngineError::io(&path, e)),
         };
-        let text = std::str::from_utf8(&bytes).map_err(|_| EngineError::corrupt(&path, "not UTF-8 text"))?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| EngineError::corrupt(&path, "not UTF-8 text"))?;
         let mut lines = text.lines();
         let body = lines.next().unwrap_or_default();
-        let crc_line = lines
-            .next()
-            .ok_or_else(|| EngineError::corrupt(&path, "the checksum line is missing (truncated?)"))?;
+        let crc_line = lines.next().ok_or_else(|| {
+            EngineError::corrupt(&path, "the checksum line is missing (truncated?)")
+        })?;
         let want = crc_line
             .strip_prefix("crc32c ")
             .and_then(|h| u32::from_str_radix(h.trim(), 16).ok())
@@ -104,15 +105,18 @@ impl Manifest {
                 supported: FORMAT,
             });
         }
-        let m: Manifest = serde_json::from_value(probe).map_err(|e| EngineError::corrupt(&path, e.to_string()))?;
-        m.validate().map_err(|reason| EngineError::corrupt(&path, reason))?;
+        let m: Manifest = serde_json::from_value(probe)
+            .map_err(|e| EngineError::corrupt(&path, e.to_string()))?;
+        m.validate()
+            .map_err(|reason| EngineError::corrupt(&path, reason))?;
         Ok(m)
     }
 
     /// Atomically replaces the manifest in `dir` with this one.
     pub fn store(&self, dir: &Path) -> Result<()> {
-        self.validate()
-            .map_err(|r| EngineError::Invalid(format!("refusing to write an inconsistent manifest: {r}")))?;
+        self.validate().map_err(|r| {
+            EngineError::Invalid(format!("refusing to write an inconsistent manifest: {r}"))
+        })?;
         let body = serde_json::to_string(self).map_err(|e| EngineError::Invalid(e.to_string()))?;
         let text = format!("{body}\ncrc32c {:08x}\n", crc32c::crc32c(body.as_bytes()));
         fsutil::atomic_write(&Self::path(dir), text.as_bytes())
@@ -131,7 +135,10 @@ impl Manifest {
                 return Err(format!("layer {} appears twice", l.id));
             }
             if l.id >= self.next_layer_id {
-                return Err(format!("layer {} is not below next_layer_id {}", l.id, self.next_layer_id));
+                return Err(format!(
+                    "layer {} is not below next_layer_id {}",
+                    l.id, self.next_layer_id
+                ));
             }
         }
         let mut names = std::collections::HashSet::new();
@@ -144,9 +151,17 @@ impl Manifest {
                 return Err(format!("snapshot {:?} points at the writable head", s.name));
             }
             match self.layers.iter().find(|l| l.id == s.layer) {
-                None => return Err(format!("snapshot {:?} points at missing layer {}", s.name, s.layer)),
+                None => {
+                    return Err(format!(
+                        "snapshot {:?} points at missing layer {}",
+                        s.name, s.layer
+                    ))
+                }
                 Some(l) if l.merge_pending => {
-                    return Err(format!("snapshot {:?} points at a layer being merged", s.name))
+                    return Err(format!(
+                        "snapshot {:?} points at a layer being merged",
+                        s.name
+                    ))
                 }
                 Some(_) => {}
             }
@@ -154,7 +169,10 @@ impl Manifest {
                 return Err(format!("layer {} is the layer of two snapshots", s.layer));
             }
             if s.id >= self.next_snapshot_id {
-                return Err(format!("snapshot id {} is not below next_snapshot_id", s.id));
+                return Err(format!(
+                    "snapshot id {} is not below next_snapshot_id",
+                    s.id
+                ));
             }
         }
         Ok(())
@@ -176,8 +194,10 @@ pub fn check_geometry(size: u64, block_size: u32) -> std::result::Result<(), Str
     if block_size != 512 && block_size != 4096 {
         return Err(format!("block size {block_size} is not 512 or 4096"));
     }
-    if size == 0 || size % u64::from(block_size) != 0 {
-        return Err(format!("size {size} is not a positive multiple of the block size {block_size}"));
+    if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
+        return Err(format!(
+            "size {size} is not a positive multiple of the block size {block_size}"
+        ));
     }
     if size / u64::from(block_size) > MAX_BLOCKS {
         return Err(format!(
@@ -201,8 +221,22 @@ mod tests {
             created_unix_ms: 1,
             next_layer_id: 3,
             next_snapshot_id: 2,
-            layers: vec![LayerEntry { id: 1, merge_pending: false }, LayerEntry { id: 2, merge_pending: false }],
-            snapshots: vec![SnapshotEntry { id: 1, name: "a".into(), layer: 1, created_unix_ms: 5 }],
+            layers: vec![
+                LayerEntry {
+                    id: 1,
+                    merge_pending: false,
+                },
+                LayerEntry {
+                    id: 2,
+                    merge_pending: false,
+                },
+            ],
+            snapshots: vec![SnapshotEntry {
+                id: 1,
+                name: "a".into(),
+                layer: 1,
+                created_unix_ms: 5,
+            }],
             origin: None,
         }
     }
@@ -222,12 +256,17 @@ mod tests {
         let path = Manifest::path(dir.path());
         let text = fs::read_to_string(&path).expect("read");
         fs::write(&path, text.replacen("\"a\"", "\"b\"", 1)).expect("write");
-        let e = Manifest::load(dir.path()).err().expect("must fail").to_string();
+        let e = Manifest::load(dir.path())
+            .expect_err("must fail")
+            .to_string();
         assert!(e.contains("volume.json") && e.contains("checksum"), "{e}");
         fs::write(&path, &text[..text.len() / 2]).expect("write");
         assert!(Manifest::load(dir.path()).is_err());
         fs::remove_file(&path).expect("rm");
-        assert!(matches!(Manifest::load(dir.path()), Err(EngineError::NotAVolume { .. })));
+        assert!(matches!(
+            Manifest::load(dir.path()),
+            Err(EngineError::NotAVolume { .. })
+        ));
     }
 
     #[test]

@@ -79,7 +79,12 @@ impl MapLog {
 
     /// Writes a fresh log holding `map` as one checkpoint (and a seal if `sealed`), and
     /// atomically puts it at `path`, replacing any older log there.
-    pub fn write_compacted(path: &Path, layer_id: u64, map: &LayerMap, sealed: bool) -> Result<MapLog> {
+    pub fn write_compacted(
+        path: &Path,
+        layer_id: u64,
+        map: &LayerMap,
+        sealed: bool,
+    ) -> Result<MapLog> {
         let mut bytes = header(layer_id).to_vec();
         let mut payload = Vec::with_capacity(map.serialized_size() + 16);
         LayerMap::encode(&[&map.present, &map.zeroed], &mut payload);
@@ -108,6 +113,14 @@ impl MapLog {
             .write(true)
             .open(path)
             .map_err(|e| EngineError::io(path, e))?;
+        let size = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
+        if size < HEADER_LEN || is_all_zero(&file, path, size)? {
+            // Created just before a crash and never flushed: nothing was recorded in it.
+            tracing::info!(path = %path.display(), "rewriting the header of a head journal whose creation was interrupted");
+            file.set_len(0).map_err(|e| EngineError::io(path, e))?;
+            file.write_all_at(&header(layer_id), 0)
+                .map_err(|e| EngineError::io(path, e))?;
+        }
         let replayed = replay(&file, path, layer_id, true)?;
         if replayed.torn_bytes > 0 {
             tracing::warn!(
@@ -181,6 +194,17 @@ impl MapLog {
     }
 }
 
+/// True when a small file holds only zeros (allocated, never written).
+fn is_all_zero(file: &File, path: &Path, size: u64) -> Result<bool> {
+    if size > 1 << 20 {
+        return Ok(false);
+    }
+    let mut buf = vec![0u8; size as usize];
+    file.read_exact_at(&mut buf, 0)
+        .map_err(|e| EngineError::io(path, e))?;
+    Ok(buf.iter().all(|&b| b == 0))
+}
+
 fn header(layer_id: u64) -> [u8; HEADER_LEN as usize] {
     let mut h = [0u8; HEADER_LEN as usize];
     h[..8].copy_from_slice(MAGIC);
@@ -212,7 +236,10 @@ fn record_crc(kind: u8, len: u32, payload: &[u8]) -> u32 {
 fn replay(file: &File, path: &Path, layer_id: u64, allow_torn_tail: bool) -> Result<Replayed> {
     let size = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
     if size < HEADER_LEN {
-        return Err(EngineError::corrupt(path, format!("map log is {size} bytes, shorter than its header")));
+        return Err(EngineError::corrupt(
+            path,
+            format!("map log is {size} bytes, shorter than its header"),
+        ));
     }
     let mut bytes = vec![0u8; size as usize];
     file.read_exact_at(&mut bytes, 0)
@@ -238,7 +265,10 @@ fn replay(file: &File, path: &Path, layer_id: u64, allow_torn_tail: bool) -> Res
                         let [p, z] = LayerMap::decode::<2>(payload).map_err(|e| {
                             EngineError::corrupt(path, format!("record at byte {pos}: {e}"))
                         })?;
-                        map = LayerMap { present: p, zeroed: z };
+                        map = LayerMap {
+                            present: p,
+                            zeroed: z,
+                        };
                         sealed = false;
                     }
                     Kind::Seal => sealed = true,
@@ -254,7 +284,10 @@ fn replay(file: &File, path: &Path, layer_id: u64, allow_torn_tail: bool) -> Res
                         torn_bytes: rest.len() as u64,
                     });
                 }
-                return Err(EngineError::corrupt(path, format!("record at byte {pos}: {reason}")));
+                return Err(EngineError::corrupt(
+                    path,
+                    format!("record at byte {pos}: {reason}"),
+                ));
             }
         }
     }
@@ -268,11 +301,17 @@ fn replay(file: &File, path: &Path, layer_id: u64, allow_torn_tail: bool) -> Res
 
 fn check_header(h: &[u8], path: &Path, layer_id: u64) -> Result<()> {
     if &h[..8] != MAGIC {
-        return Err(EngineError::corrupt(path, "not a snapblk map log (bad magic)"));
+        return Err(EngineError::corrupt(
+            path,
+            "not a snapblk map log (bad magic)",
+        ));
     }
     let crc = u32::from_le_bytes([h[24], h[25], h[26], h[27]]);
     if crc != crc32c::crc32c(&h[..24]) {
-        return Err(EngineError::corrupt(path, "map log header checksum mismatch"));
+        return Err(EngineError::corrupt(
+            path,
+            "map log header checksum mismatch",
+        ));
     }
     let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
     if version != VERSION {
@@ -297,7 +336,10 @@ fn check_header(h: &[u8], path: &Path, layer_id: u64) -> Result<()> {
 /// Parses one record: (kind, payload, total bytes) or why it is not a valid record.
 fn parse_record(rest: &[u8]) -> std::result::Result<(Kind, &[u8], usize), String> {
     if rest.len() < REC_HEADER_LEN {
-        return Err(format!("{} bytes left, shorter than a record header", rest.len()));
+        return Err(format!(
+            "{} bytes left, shorter than a record header",
+            rest.len()
+        ));
     }
     let word = |i: usize| u32::from_le_bytes([rest[i], rest[i + 1], rest[i + 2], rest[i + 3]]);
     if word(0) != REC_MAGIC {
@@ -348,16 +390,21 @@ mod tests {
         let path = dir.path().join("1.map");
         let mut log = MapLog::create(&path, 1).expect("create");
         let a = map((0, 10), (20, 30));
-        log.append_delta(&a.cover(), &a.present, &a.zeroed).expect("append");
+        log.append_delta(&a.cover(), &a.present, &a.zeroed)
+            .expect("append");
         let b = map((25, 26), (0, 2));
-        log.append_delta(&b.cover(), &b.present, &b.zeroed).expect("append");
+        log.append_delta(&b.cover(), &b.present, &b.zeroed)
+            .expect("append");
         log.sync().expect("sync");
         let (_, r) = MapLog::open_head(&path, 1).expect("open");
         let mut want = a.clone();
         want.apply(&b.cover(), &b.present, &b.zeroed);
         assert_eq!(r.map, want);
         assert!(!r.sealed);
-        assert!(MapLog::read_sealed(&path, 1).is_err(), "unsealed log read as frozen");
+        assert!(
+            MapLog::read_sealed(&path, 1).is_err(),
+            "unsealed log read as frozen"
+        );
         log.append_seal().expect("seal");
         assert_eq!(MapLog::read_sealed(&path, 1).expect("sealed"), want);
     }
@@ -368,10 +415,12 @@ mod tests {
         let path = dir.path().join("2.map");
         let mut log = MapLog::create(&path, 2).expect("create");
         let a = map((0, 4), (9, 9));
-        log.append_delta(&a.cover(), &a.present, &a.zeroed).expect("append");
+        log.append_delta(&a.cover(), &a.present, &a.zeroed)
+            .expect("append");
         let good = log.len();
         let b = map((100, 200), (9, 9));
-        log.append_delta(&b.cover(), &b.present, &b.zeroed).expect("append");
+        log.append_delta(&b.cover(), &b.present, &b.zeroed)
+            .expect("append");
         let f = OpenOptions::new().write(true).open(&path).expect("open");
         f.set_len(log.len() - 3).expect("truncate");
         let (log2, r) = MapLog::open_head(&path, 2).expect("torn tail tolerated");
@@ -386,13 +435,36 @@ mod tests {
         let path = dir.path().join("3.map");
         let mut log = MapLog::create(&path, 3).expect("create");
         let a = map((0, 4), (9, 9));
-        log.append_delta(&a.cover(), &a.present, &a.zeroed).expect("append");
-        log.append_delta(&a.cover(), &a.present, &a.zeroed).expect("append");
+        log.append_delta(&a.cover(), &a.present, &a.zeroed)
+            .expect("append");
+        log.append_delta(&a.cover(), &a.present, &a.zeroed)
+            .expect("append");
         let f = OpenOptions::new().write(true).open(&path).expect("open");
         f.write_all_at(&[0xAA], HEADER_LEN + 20).expect("flip");
         let err = MapLog::open_head(&path, 3).err().expect("must fail");
         assert!(err.to_string().contains("3.map"), "{err}");
         assert!(err.to_string().contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn a_head_journal_whose_creation_was_lost_opens_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (i, content) in [vec![], vec![0u8; 10], vec![0u8; 4096]]
+            .into_iter()
+            .enumerate()
+        {
+            let path = dir.path().join(format!("{i}.map"));
+            std::fs::write(&path, &content).expect("write");
+            let (_, r) = MapLog::open_head(&path, 9).expect("opens as empty");
+            assert_eq!(r.map, LayerMap::default());
+            assert!(MapLog::open_head(&path, 9).is_ok(), "header rewritten");
+        }
+        let path = dir.path().join("junk.map");
+        std::fs::write(&path, b"junk").expect("write");
+        assert!(
+            MapLog::read_sealed(&path, 9).is_err(),
+            "a frozen map is never guessed"
+        );
     }
 
     #[test]

@@ -56,7 +56,14 @@ pub fn plan(layers: Arc<[Arc<Layer>]>, start: u32, end: u64, block_size: u32) ->
         let mut run_start = 0usize;
         for i in 1..=n {
             if i == n || owners[i] != owners[run_start] {
-                segments.push(segment(&layers, owners[run_start], run_start, i - run_start, start, bs));
+                segments.push(segment(
+                    &layers,
+                    owners[run_start],
+                    run_start,
+                    i - run_start,
+                    start,
+                    bs,
+                ));
                 run_start = i;
             }
         }
@@ -67,7 +74,14 @@ pub fn plan(layers: Arc<[Arc<Layer>]>, start: u32, end: u64, block_size: u32) ->
     }
 }
 
-fn segment(layers: &[Arc<Layer>], owner: u32, first: usize, count: usize, start: u32, bs: u64) -> ReadSegment {
+fn segment(
+    layers: &[Arc<Layer>],
+    owner: u32,
+    first: usize,
+    count: usize,
+    start: u32,
+    bs: u64,
+) -> ReadSegment {
     let buf_offset = first as u64 * bs;
     let source = match owner {
         UNRESOLVED | ZERO => ReadSource::Zero,

@@ -104,7 +104,11 @@ impl Volume {
     /// Makes the in-memory stack durable: seals every layer pushed since the last commit
     /// (after its writes drain), flushes the head, and writes the manifest if the stack or
     /// the snapshot list changed. A cut whose commit failed is retried here by the next flush.
-    pub(crate) fn commit_stack(&self, meta: &mut Meta, snapshot: Option<SnapshotEntry>) -> Result<()> {
+    pub(crate) fn commit_stack(
+        &self,
+        meta: &mut Meta,
+        snapshot: Option<SnapshotEntry>,
+    ) -> Result<()> {
         let stack = self.stack();
         let committed_head = meta.manifest.layers[meta.manifest.layers.len() - 1].id;
         let start = stack
@@ -162,7 +166,12 @@ impl Volume {
         meta.manifest
             .snapshots
             .iter()
-            .filter_map(|s| stack.iter().find(|l| l.id == s.layer).map(|l| self.info(s, l)))
+            .filter_map(|s| {
+                stack
+                    .iter()
+                    .find(|l| l.id == s.layer)
+                    .map(|l| self.info(s, l))
+            })
             .collect()
     }
 
@@ -208,7 +217,9 @@ impl Volume {
         let pos = stack
             .iter()
             .position(|l| l.id == entry.layer)
-            .ok_or_else(|| EngineError::Invalid(format!("layer of snapshot {name:?} is not in the stack")))?;
+            .ok_or_else(|| {
+                EngineError::Invalid(format!("layer of snapshot {name:?} is not in the stack"))
+            })?;
         Ok(SnapshotView {
             layers: stack[..=pos].to_vec().into(),
             volume: self.clone(),
@@ -229,10 +240,9 @@ impl Volume {
                 .manifest
                 .snapshot(name)
                 .ok_or_else(|| EngineError::SnapshotNotFound(name.to_string()))?;
-            stack
-                .iter()
-                .position(|l| l.id == e.layer)
-                .ok_or_else(|| EngineError::Invalid(format!("layer of snapshot {name:?} is not in the stack")))
+            stack.iter().position(|l| l.id == e.layer).ok_or_else(|| {
+                EngineError::Invalid(format!("layer of snapshot {name:?} is not in the stack"))
+            })
         };
         let (b, t) = (pos(base)?, pos(target)?);
         if b >= t {
@@ -281,7 +291,12 @@ impl SnapshotView {
     /// Where each part of a read of the snapshot comes from.
     pub fn plan_read(&self, offset: u64, len: u64) -> Result<plan::ReadPlan> {
         let (start, end) = self.volume.blocks("read", offset, len)?;
-        Ok(plan::plan(self.layers.clone(), start, end, self.volume.block_size()))
+        Ok(plan::plan(
+            self.layers.clone(),
+            start,
+            end,
+            self.volume.block_size(),
+        ))
     }
 
     /// Blocks of the snapshot that hold data.

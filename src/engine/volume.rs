@@ -161,7 +161,9 @@ fn lock_volume(dir: &Path) -> Result<File> {
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(EngineError::Busy { path: dir.to_path_buf() });
+            return Err(EngineError::Busy {
+                path: dir.to_path_buf(),
+            });
         }
         return Err(EngineError::io(&path, err));
     }
@@ -175,7 +177,9 @@ impl Volume {
         match fs::read_dir(dir) {
             Ok(mut entries) => {
                 if entries.next().is_some() {
-                    return Err(EngineError::AlreadyExists { path: dir.to_path_buf() });
+                    return Err(EngineError::AlreadyExists {
+                        path: dir.to_path_buf(),
+                    });
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -293,13 +297,16 @@ impl Volume {
     /// Checks a request and converts it to blocks `[start, end)`.
     pub(crate) fn blocks(&self, op: &'static str, offset: u64, len: u64) -> Result<(u32, u64)> {
         let bs = u64::from(self.inner.block_size);
-        let end = offset.checked_add(len).filter(|&e| e <= self.inner.size).ok_or(EngineError::OutOfRange {
-            op,
-            offset,
-            len,
-            size: self.inner.size,
-        })?;
-        if offset % bs != 0 || len % bs != 0 {
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.inner.size)
+            .ok_or(EngineError::OutOfRange {
+                op,
+                offset,
+                len,
+                size: self.inner.size,
+            })?;
+        if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
             return Err(EngineError::Unaligned {
                 op,
                 offset,
@@ -423,7 +430,8 @@ pub(crate) fn read_plan(plan: &ReadPlan, buf: &mut [u8], direct: bool) -> Result
                 });
                 let res = if direct && !AlignedBuf::is_aligned(part) {
                     let mut bounce = AlignedBuf::new(part.len());
-                    fsutil::read_full_at(&file, &mut bounce, offset).map(|()| part.copy_from_slice(&bounce))
+                    fsutil::read_full_at(&file, &mut bounce, offset)
+                        .map(|()| part.copy_from_slice(&bounce))
                 } else {
                     fsutil::read_full_at(&file, part, offset)
                 };
@@ -450,7 +458,9 @@ pub(crate) fn write_new_volume(dir: &Path, manifest: &Manifest) -> Result<()> {
     Ok(())
 }
 
-/// Removes files a crash left behind: temporary files and layers no manifest names.
+/// Removes files a crash left behind: temporary files, and layer files of layers that no
+/// manifest names (made by a cut, merge or clone that did not commit). Files that are not
+/// named like layer files are left alone.
 fn remove_leftovers(dir: &Path, manifest: &Manifest) -> Result<()> {
     let _ = fs::remove_file(dir.join("volume.tmp"));
     let layers_dir = dir.join(layer::LAYERS_DIR);
@@ -459,14 +469,18 @@ fn remove_leftovers(dir: &Path, manifest: &Manifest) -> Result<()> {
         let entry = entry.map_err(|e| EngineError::io(&layers_dir, e))?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let known = name
-            .split_once('.')
-            .and_then(|(id, ext)| {
-                let id: u64 = id.parse().ok()?;
-                (matches!(ext, "data" | "map") && manifest.layer_pos(id).is_some()).then_some(())
-            })
-            .is_some();
-        if !known {
+        let Some((id, ext)) = name.split_once('.') else {
+            continue;
+        };
+        let Ok(id) = id.parse::<u64>() else {
+            continue;
+        };
+        let stale = match ext {
+            "tmp" => true,
+            "data" | "map" => manifest.layer_pos(id).is_none(),
+            _ => false,
+        };
+        if stale {
             tracing::info!(file = %entry.path().display(), "removing a file left over by an interrupted operation");
             fs::remove_file(entry.path()).map_err(|e| EngineError::io(entry.path(), e))?;
         }
@@ -515,7 +529,12 @@ impl Volume {
             block_size: self.inner.block_size,
             snapshots: meta.manifest.snapshots.len(),
             layers: stack.len(),
-            pending_merges: meta.manifest.layers.iter().filter(|l| l.merge_pending).count(),
+            pending_merges: meta
+                .manifest
+                .layers
+                .iter()
+                .filter(|l| l.merge_pending)
+                .count(),
             head_bytes: stack[stack.len() - 1].present_blocks() * bs,
             stored_bytes: stored,
             map_bytes,
