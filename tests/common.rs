@@ -7,7 +7,10 @@ use std::path::Path;
 pub fn scratch() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {
-        if let Ok(d) = tempfile::Builder::new().prefix("snapblk-test").tempdir_in(shm) {
+        if let Ok(d) = tempfile::Builder::new()
+            .prefix("snapblk-test")
+            .tempdir_in(shm)
+        {
             return d;
         }
     }

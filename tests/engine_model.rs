@@ -32,19 +32,36 @@ enum MetaOp {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { start: usize, len: usize, fua: bool },
-    Discard { start: usize, len: usize },
-    WriteZeroes { start: usize, len: usize },
+    Write {
+        start: usize,
+        len: usize,
+        fua: bool,
+    },
+    Discard {
+        start: usize,
+        len: usize,
+    },
+    WriteZeroes {
+        start: usize,
+        len: usize,
+    },
     Flush,
     Snapshot,
     Delete(usize),
     Clone(usize),
-    WriteClone { clone: usize, start: usize, len: usize },
-    ReadSnapshot(usize),
+    WriteClone {
+        clone: usize,
+        start: usize,
+        len: usize,
+    },
+    ReadSnapshots,
     Changed(usize, usize),
     Maintain,
     Crash,
-    CrashDuring { op: MetaOp, step: u64 },
+    CrashDuring {
+        op: MetaOp,
+        step: u64,
+    },
 }
 
 fn range() -> impl Strategy<Value = (usize, usize)> {
@@ -61,7 +78,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<usize>().prop_map(Op::Delete),
         1 => any::<usize>().prop_map(Op::Clone),
         1 => (any::<usize>(), range()).prop_map(|(clone, (start, len))| Op::WriteClone { clone, start, len }),
-        1 => any::<usize>().prop_map(Op::ReadSnapshot),
+        1 => Just(Op::ReadSnapshots),
         1 => (any::<usize>(), any::<usize>()).prop_map(|(a, b)| Op::Changed(a, b)),
         1 => Just(Op::Maintain),
         2 => Just(Op::Crash),
@@ -79,6 +96,7 @@ struct ModelSnap {
     /// (a crash makes unflushed changes uncertain).
     touched_min: BTreeSet<usize>,
     touched_max: BTreeSet<usize>,
+    maybe_allocated: BTreeSet<usize>,
 }
 
 struct ModelClone {
@@ -98,6 +116,13 @@ struct Harness {
     since_flush: Vec<HashSet<u64>>,
     head_min: BTreeSet<usize>,
     head_max: BTreeSet<usize>,
+    /// Blocks changed since the last flush (certain once flushed, uncertain after a crash).
+    touched_since_flush: BTreeSet<usize>,
+    /// Blocks that read as zeros after a crash lost their discard's journal record: a map
+    /// may still call them allocated (holding zeros). Kept for good, because the engine
+    /// flushes more often than the model knows (merges flush), so the model cannot tell
+    /// when a later write or discard of the block has made it certain again.
+    maybe_allocated: BTreeSet<usize>,
     snaps: Vec<ModelSnap>,
     clones: Vec<ModelClone>,
     names: u64,
@@ -106,8 +131,14 @@ struct Harness {
 impl Harness {
     fn new(root: &Path, bs: usize) -> Harness {
         let dir = root.join("vol");
-        let vol = Volume::create(&dir, &CreateOptions { size: (BLOCKS * bs) as u64, block_size: bs as u32 })
-            .expect("create");
+        let vol = Volume::create(
+            &dir,
+            &CreateOptions {
+                size: (BLOCKS * bs) as u64,
+                block_size: bs as u32,
+            },
+        )
+        .expect("create");
         Harness {
             dir,
             root: root.to_path_buf(),
@@ -119,6 +150,8 @@ impl Harness {
             since_flush: vec![HashSet::new(); BLOCKS],
             head_min: BTreeSet::new(),
             head_max: BTreeSet::new(),
+            touched_since_flush: BTreeSet::new(),
+            maybe_allocated: BTreeSet::new(),
             snaps: vec![],
             clones: vec![],
             names: 0,
@@ -135,16 +168,17 @@ impl Harness {
             self.cur[b] = val;
             self.since_flush[b].insert(val);
             self.head_max.insert(b);
+            self.touched_since_flush.insert(b);
         }
     }
 
     fn flushed(&mut self) {
         self.durable = self.cur.clone();
         self.since_flush.iter_mut().for_each(HashSet::clear);
-        self.head_min = self.head_max.clone();
+        self.head_min.append(&mut self.touched_since_flush);
     }
 
-    fn write_data(&mut self, start: usize, len: usize) -> (Vec<u8>, u64) {
+    fn write_data(&mut self, len: usize) -> (Vec<u8>, u64) {
         let v = self.next_version;
         self.next_version += len as u64;
         let mut data = Vec::with_capacity(len * self.bs);
@@ -168,7 +202,12 @@ impl Harness {
     }
 
     fn check_snapshots(&self) -> Result<(), TestCaseError> {
-        let listed: Vec<String> = self.vol().list_snapshots().into_iter().map(|s| s.name).collect();
+        let listed: Vec<String> = self
+            .vol()
+            .list_snapshots()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
         let model: Vec<String> = self.snaps.iter().map(|s| s.name.clone()).collect();
         prop_assert_eq!(listed, model, "snapshot list differs");
         for s in &self.snaps {
@@ -182,8 +221,16 @@ impl Harness {
                     blocks.insert(b as usize);
                 }
             }
-            let want: BTreeSet<usize> = (0..BLOCKS).filter(|&b| s.content[b] != 0).collect();
-            prop_assert_eq!(blocks, want, "allocated blocks of {} differ", s.name);
+            let min: BTreeSet<usize> = (0..BLOCKS).filter(|&b| s.content[b] != 0).collect();
+            let max: BTreeSet<usize> = min.union(&s.maybe_allocated).copied().collect();
+            prop_assert!(
+                min.is_subset(&blocks) && blocks.is_subset(&max),
+                "allocated blocks of {}: {:?} not between {:?} and {:?}",
+                s.name,
+                blocks,
+                min,
+                max
+            );
         }
         for c in &self.clones {
             let got = self.read_all(|b| c.vol.read(0, b));
@@ -197,19 +244,28 @@ impl Harness {
     fn crash(&mut self) -> Result<(), TestCaseError> {
         faults::disarm();
         self.vol = None;
-        self.vol = Some(Volume::open(&self.dir).map_err(|e| TestCaseError::fail(format!("reopen: {e}")))?);
+        self.vol =
+            Some(Volume::open(&self.dir).map_err(|e| TestCaseError::fail(format!("reopen: {e}")))?);
         let got = self.read_all(|b| self.vol().read(0, b));
-        for b in 0..BLOCKS {
-            let v = got[b].ok_or_else(|| TestCaseError::fail(format!("block {b} is torn after a crash")))?;
+        for (b, read) in got.into_iter().enumerate() {
+            let v = read
+                .ok_or_else(|| TestCaseError::fail(format!("block {b} is torn after a crash")))?;
             prop_assert!(
                 v == self.durable[b] || self.since_flush[b].contains(&v),
                 "block {} reads version {} after a crash; flushed {}, written since {:?}",
-                b, v, self.durable[b], self.since_flush[b]
+                b,
+                v,
+                self.durable[b],
+                self.since_flush[b]
             );
+            if v == 0 && (self.durable[b] != 0 || self.since_flush[b].iter().any(|&x| x != 0)) {
+                self.maybe_allocated.insert(b);
+            }
             self.cur[b] = v;
         }
         self.durable = self.cur.clone();
         self.since_flush.iter_mut().for_each(HashSet::clear);
+        self.touched_since_flush.clear();
         Ok(())
     }
 
@@ -227,6 +283,7 @@ impl Harness {
             content: self.cur.clone(),
             touched_min: std::mem::take(&mut self.head_min),
             touched_max: std::mem::take(&mut self.head_max),
+            maybe_allocated: self.maybe_allocated.clone(),
         });
         Ok(())
     }
@@ -249,9 +306,16 @@ impl Harness {
     }
 
     fn clone_snap(&mut self, idx: usize) -> Result<(), EngineError> {
-        let dir = self.root.join(format!("clone-{}", self.clones.len() + self.names as usize * 100));
+        let dir = self.root.join(format!(
+            "clone-{}",
+            self.clones.len() + self.names as usize * 100
+        ));
         let vol = self.vol().clone_snapshot(&self.snaps[idx].name, &dir)?;
-        self.clones.push(ModelClone { dir, vol, content: self.snaps[idx].content.clone() });
+        self.clones.push(ModelClone {
+            dir,
+            vol,
+            content: self.snaps[idx].content.clone(),
+        });
         Ok(())
     }
 
@@ -259,19 +323,25 @@ impl Harness {
         let bs = self.bs as u64;
         match op.clone() {
             Op::Write { start, len, fua } => {
-                let (data, v) = self.write_data(start, len);
-                self.vol().write(start as u64 * bs, &data, fua).expect("write");
+                let (data, v) = self.write_data(len);
+                self.vol()
+                    .write(start as u64 * bs, &data, fua)
+                    .expect("write");
                 self.set(start, len, Some(v));
                 if fua {
                     self.flushed();
                 }
             }
             Op::Discard { start, len } => {
-                self.vol().discard(start as u64 * bs, len as u64 * bs).expect("discard");
+                self.vol()
+                    .discard(start as u64 * bs, len as u64 * bs)
+                    .expect("discard");
                 self.set(start, len, None);
             }
             Op::WriteZeroes { start, len } => {
-                self.vol().write_zeroes(start as u64 * bs, len as u64 * bs).expect("write_zeroes");
+                self.vol()
+                    .write_zeroes(start as u64 * bs, len as u64 * bs)
+                    .expect("write_zeroes");
                 self.set(start, len, None);
             }
             Op::Flush => {
@@ -292,23 +362,31 @@ impl Harness {
             }
             Op::WriteClone { clone, start, len } => {
                 if !self.clones.is_empty() {
-                    let (data, v) = self.write_data(start, len);
+                    let (data, v) = self.write_data(len);
                     let c = clone % self.clones.len();
-                    self.clones[c].vol.write(start as u64 * bs, &data, false).expect("clone write");
+                    self.clones[c]
+                        .vol
+                        .write(start as u64 * bs, &data, false)
+                        .expect("clone write");
                     for b in start..start + len {
                         self.clones[c].content[b] = v + (b - start) as u64;
                     }
                 }
             }
-            Op::ReadSnapshot(_) => self.check_snapshots()?,
+            Op::ReadSnapshots => self.check_snapshots()?,
             Op::Changed(a, b) => {
                 let n = self.snaps.len();
                 if n >= 2 {
                     let (i, j) = (a % n, b % n);
                     let (i, j) = (i.min(j), i.max(j));
-                    let r = self.vol().changed_extents(&self.snaps[i].name, &self.snaps[j].name);
+                    let r = self
+                        .vol()
+                        .changed_extents(&self.snaps[i].name, &self.snaps[j].name);
                     if i == j {
-                        prop_assert!(r.is_err(), "changed blocks of a snapshot against itself must be refused");
+                        prop_assert!(
+                            r.is_err(),
+                            "changed blocks of a snapshot against itself must be refused"
+                        );
                     } else {
                         let mut got = BTreeSet::new();
                         for e in r.expect("changed") {
@@ -322,8 +400,13 @@ impl Harness {
                             min.extend(s.touched_min.iter().copied());
                             max.extend(s.touched_max.iter().copied());
                         }
-                        prop_assert!(min.is_subset(&got) && got.is_subset(&max),
-                            "changed blocks {:?} not between {:?} and {:?}", got, min, max);
+                        prop_assert!(
+                            min.is_subset(&got) && got.is_subset(&max),
+                            "changed blocks {:?} not between {:?} and {:?}",
+                            got,
+                            min,
+                            max
+                        );
                     }
                 }
             }
@@ -336,7 +419,6 @@ impl Harness {
                 self.check_snapshots()?;
             }
             Op::CrashDuring { op, step } => {
-                let before: Vec<String> = self.snaps.iter().map(|s| s.name.clone()).collect();
                 faults::crash_after(step);
                 let result = match op {
                     MetaOp::Snapshot => {
@@ -345,13 +427,19 @@ impl Harness {
                         if r.is_err() {
                             // The cut flushed (or not) before the crash: either is allowed.
                             self.crash()?;
-                            let listed: Vec<String> = self.vol().list_snapshots().into_iter().map(|s| s.name).collect();
+                            let listed: Vec<String> = self
+                                .vol()
+                                .list_snapshots()
+                                .into_iter()
+                                .map(|s| s.name)
+                                .collect();
                             if listed.contains(&name) {
                                 self.snaps.push(ModelSnap {
                                     name,
                                     content: self.cur.clone(),
                                     touched_min: std::mem::take(&mut self.head_min),
                                     touched_max: std::mem::take(&mut self.head_max),
+                                    maybe_allocated: self.maybe_allocated.clone(),
                                 });
                             }
                             self.check_snapshots()?;
@@ -365,7 +453,12 @@ impl Harness {
                         let r = self.delete(idx);
                         if r.is_err() {
                             self.crash()?;
-                            let listed: Vec<String> = self.vol().list_snapshots().into_iter().map(|s| s.name).collect();
+                            let listed: Vec<String> = self
+                                .vol()
+                                .list_snapshots()
+                                .into_iter()
+                                .map(|s| s.name)
+                                .collect();
                             if !listed.contains(&name) {
                                 self.forget_snapshot(idx);
                             }
@@ -376,12 +469,27 @@ impl Harness {
                     }
                     MetaOp::Clone(i) if !self.snaps.is_empty() && self.clones.len() < 3 => {
                         let idx = i % self.snaps.len();
-                        let dir = self.root.join(format!("clone-{}", self.clones.len() + self.names as usize * 100));
+                        let dir = self.root.join(format!(
+                            "clone-{}",
+                            self.clones.len() + self.names as usize * 100
+                        ));
                         let r = self.clone_snap(idx);
                         if r.is_err() {
                             faults::disarm();
                             // A clone is either whole or absent.
-                            prop_assert!(!dir.exists(), "a failed clone left {}", dir.display());
+                            if dir.exists() {
+                                let vol = Volume::open(&dir).map_err(|e| {
+                                    TestCaseError::fail(format!(
+                                        "half-made clone {}: {e}",
+                                        dir.display()
+                                    ))
+                                })?;
+                                self.clones.push(ModelClone {
+                                    dir,
+                                    vol,
+                                    content: self.snaps[idx].content.clone(),
+                                });
+                            }
                             self.crash()?;
                             self.check_snapshots()?;
                             return Ok(());
@@ -392,8 +500,6 @@ impl Harness {
                 };
                 faults::disarm();
                 prop_assert!(result.is_ok(), "unexpected error {:?}", result.err());
-                let after: Vec<String> = self.snaps.iter().map(|s| s.name.clone()).collect();
-                let _ = (before, after);
             }
         }
         self.check_live()
@@ -415,7 +521,10 @@ fn run(ops: Vec<Op>, bs: usize) -> Result<(), TestCaseError> {
 }
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1500)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1500)
 }
 
 proptest! {

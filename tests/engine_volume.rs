@@ -1,0 +1,411 @@
+//! Behaviour of the engine that a user or an operator relies on: errors instead of
+//! panics, damaged files named, space given back, clones independent of their source.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+use snapblk::engine::{CreateOptions, EngineError, Extent, Volume};
+
+use common::{block_data, scratch};
+
+const MIB: u64 = 1 << 20;
+
+fn create(dir: &Path, size: u64) -> Volume {
+    Volume::create(
+        dir,
+        &CreateOptions {
+            size,
+            block_size: 4096,
+        },
+    )
+    .expect("create")
+}
+
+/// Bytes actually allocated on disk by the volume's layer files.
+fn disk_usage(dir: &Path) -> u64 {
+    fs::read_dir(dir.join("layers"))
+        .expect("layers")
+        .map(|e| e.expect("entry").metadata().expect("stat").blocks() * 512)
+        .sum()
+}
+
+#[test]
+fn bad_requests_are_errors_not_panics() {
+    let root = scratch();
+    let v = create(&root.path().join("v"), MIB);
+    let mut buf = vec![0u8; 4096];
+    for (off, len) in [
+        (MIB, 4096u64),
+        (MIB - 4096, 8192),
+        (u64::MAX - 4095, 4096),
+        (100, 4096),
+        (0, 100),
+    ] {
+        let e = v.plan_read(off, len).err().expect("bad read accepted");
+        assert_eq!(e.errno(), libc::EINVAL, "{e}");
+        assert!(v.begin_write(off, len).is_err());
+        assert!(v.discard(off, len).is_err());
+        assert!(v.write_zeroes(off, len).is_err());
+    }
+    assert!(v.read(MIB, &mut buf).is_err());
+    assert!(v.write(4095, &buf, false).is_err());
+    let e = v.read(MIB, &mut buf).expect_err("error").to_string();
+    assert!(e.contains("past the end"), "{e}");
+    // Zero-length requests at a valid offset are no-ops.
+    v.read(0, &mut []).expect("empty read");
+    v.discard(0, 0).expect("empty discard");
+}
+
+#[test]
+fn bad_geometry_is_refused() {
+    let root = scratch();
+    for (size, bs) in [
+        (0u64, 4096u32),
+        (4097, 4096),
+        (MIB, 1024),
+        (MIB, 0),
+        (4096 * (1 << 32) + 4096, 4096),
+    ] {
+        let r = Volume::create(
+            &root.path().join(format!("v{size}-{bs}")),
+            &CreateOptions {
+                size,
+                block_size: bs,
+            },
+        );
+        assert!(
+            matches!(r, Err(EngineError::Invalid(_))),
+            "size {size} bs {bs} accepted"
+        );
+    }
+    Volume::create(
+        &root.path().join("small"),
+        &CreateOptions {
+            size: 512 * 3,
+            block_size: 512,
+        },
+    )
+    .expect("512-byte blocks");
+    let dir = root.path().join("exists");
+    create(&dir, MIB);
+    assert!(matches!(
+        Volume::create(
+            &dir,
+            &CreateOptions {
+                size: MIB,
+                block_size: 4096
+            }
+        ),
+        Err(EngineError::AlreadyExists { .. }) | Err(EngineError::Busy { .. })
+    ));
+}
+
+#[test]
+fn a_volume_is_opened_by_one_process_at_a_time() {
+    let root = scratch();
+    let dir = root.path().join("v");
+    let v = create(&dir, MIB);
+    let e = Volume::open(&dir).err().expect("second open allowed");
+    assert!(matches!(e, EngineError::Busy { .. }), "{e}");
+    drop(v);
+    Volume::open(&dir).expect("open after close");
+}
+
+#[test]
+fn damaged_files_give_clear_errors_naming_the_file() {
+    let root = scratch();
+    let dir = root.path().join("v");
+    let v = create(&dir, MIB);
+    v.write(0, &block_data(7, 4096), false).expect("write");
+    v.create_snapshot("s1").expect("snapshot");
+    v.write(4096, &block_data(8, 4096), true).expect("write");
+    drop(v);
+    let expect_err = |what: &str, needle: &str| {
+        let e = Volume::open(&dir)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: opened"))
+            .to_string();
+        assert!(e.contains(needle), "{what}: {e}");
+    };
+
+    // Missing folder, folder without a volume.
+    assert!(Volume::open(&root.path().join("none")).is_err());
+    fs::create_dir(root.path().join("empty")).expect("mkdir");
+    let e = Volume::open(&root.path().join("empty"))
+        .err()
+        .expect("empty dir opened")
+        .to_string();
+    assert!(e.contains("not a snapblk volume"), "{e}");
+
+    // A flipped byte in the frozen layer's map.
+    let map = dir.join("layers/1.map");
+    let orig = fs::read(&map).expect("read");
+    let f = fs::OpenOptions::new().write(true).open(&map).expect("open");
+    f.write_all_at(&[orig[40] ^ 0xff], 40).expect("flip");
+    expect_err("flipped map byte", "1.map");
+    fs::write(&map, &orig).expect("restore");
+
+    // A truncated frozen map (its seal is gone).
+    fs::write(&map, &orig[..orig.len() - 4]).expect("truncate");
+    expect_err("truncated frozen map", "1.map");
+    fs::write(&map, &orig).expect("restore");
+
+    // A truncated data file.
+    let data = dir.join("layers/1.data");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .expect("open")
+        .set_len(4096)
+        .expect("truncate");
+    expect_err("short data file", "1.data");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .expect("open")
+        .set_len(MIB)
+        .expect("restore");
+
+    // A missing layer file.
+    fs::rename(&data, dir.join("layers/1.moved")).expect("move");
+    expect_err("missing data file", "1.data");
+    fs::rename(dir.join("layers/1.moved"), &data).expect("move back");
+
+    // A damaged manifest.
+    let manifest = dir.join("volume.json");
+    let text = fs::read_to_string(&manifest).expect("read");
+    fs::write(&manifest, text.replace("\"s1\"", "\"s2\"")).expect("edit");
+    expect_err("edited manifest", "volume.json");
+    fs::write(&manifest, "garbage").expect("garbage");
+    expect_err("garbage manifest", "volume.json");
+    fs::write(&manifest, &text).expect("restore");
+
+    let v = Volume::open(&dir).expect("restored volume opens");
+    let mut buf = vec![0u8; 8192];
+    v.read(0, &mut buf).expect("read");
+    assert_eq!(&buf[..4096], &block_data(7, 4096)[..]);
+    assert_eq!(&buf[4096..], &block_data(8, 4096)[..]);
+}
+
+#[test]
+fn snapshot_names_are_checked_and_unique() {
+    let root = scratch();
+    let v = create(&root.path().join("v"), MIB);
+    for bad in ["", "-x", ".x", "a/b", "a b", &"x".repeat(129)] {
+        assert!(
+            matches!(v.create_snapshot(bad), Err(EngineError::Invalid(_))),
+            "{bad:?} accepted"
+        );
+    }
+    v.create_snapshot("daily-2026.11.21_a").expect("good name");
+    assert!(matches!(
+        v.create_snapshot("daily-2026.11.21_a"),
+        Err(EngineError::SnapshotExists(_))
+    ));
+    assert!(matches!(
+        v.delete_snapshot("nope"),
+        Err(EngineError::SnapshotNotFound(_))
+    ));
+    assert!(v
+        .changed_extents("daily-2026.11.21_a", "daily-2026.11.21_a")
+        .is_err());
+}
+
+#[test]
+fn snapshots_copy_nothing_and_deleting_gives_space_back() {
+    let root = scratch();
+    let dir = root.path().join("v");
+    let v = create(&dir, 64 * MIB);
+    let chunk: Vec<u8> = (0..MIB as usize).map(|i| (i % 251) as u8 + 1).collect();
+    for i in 0..16 {
+        v.write(i * MIB, &chunk, false).expect("write");
+    }
+    v.flush().expect("flush");
+    let before = disk_usage(&dir);
+    v.create_snapshot("s1").expect("snapshot");
+    assert!(
+        disk_usage(&dir) < before + MIB / 4,
+        "taking a snapshot copied data"
+    );
+    // Overwrite everything: the head now holds 16 MiB more.
+    for i in 0..16 {
+        v.write(i * MIB, &chunk, false).expect("overwrite");
+    }
+    v.create_snapshot("s2").expect("snapshot");
+    let with_two = disk_usage(&dir);
+    assert!(
+        with_two >= before + 15 * MIB,
+        "overwrites not stored: {with_two}"
+    );
+    v.delete_snapshot("s1").expect("delete");
+    let after = disk_usage(&dir);
+    assert!(
+        after + 15 * MIB <= with_two,
+        "delete gave back {} bytes",
+        with_two - after
+    );
+    let mut buf = vec![0u8; MIB as usize];
+    v.read_snapshot("s2", 3 * MIB, &mut buf).expect("read");
+    assert_eq!(buf, chunk);
+}
+
+#[test]
+fn deleting_the_newest_snapshot_frees_what_the_live_volume_overwrote() {
+    let root = scratch();
+    let dir = root.path().join("v");
+    let v = create(&dir, 64 * MIB);
+    let chunk = vec![0x5au8; MIB as usize];
+    for i in 0..8 {
+        v.write(i * MIB, &chunk, false).expect("write");
+    }
+    v.create_snapshot("s1").expect("snapshot");
+    for i in 0..8 {
+        v.write(i * MIB, &chunk, false).expect("overwrite");
+    }
+    let before = disk_usage(&dir);
+    v.delete_snapshot("s1").expect("delete");
+    assert!(
+        disk_usage(&dir) + 7 * MIB <= before,
+        "overwritten blocks of the deleted snapshot were kept"
+    );
+    let mut buf = vec![0u8; MIB as usize];
+    v.read(7 * MIB, &mut buf).expect("read");
+    assert_eq!(buf, chunk);
+}
+
+#[test]
+fn discard_frees_head_space_and_hides_older_data() {
+    let root = scratch();
+    let dir = root.path().join("v");
+    let v = create(&dir, 16 * MIB);
+    let chunk = vec![0xa5u8; 4 * MIB as usize];
+    v.write(0, &chunk, false).expect("write");
+    v.create_snapshot("s1").expect("snapshot");
+    v.write(4 * MIB, &chunk, false).expect("write");
+    let before = disk_usage(&dir);
+    v.discard(2 * MIB, 4 * MIB).expect("discard");
+    assert!(
+        disk_usage(&dir) + 2 * MIB <= before,
+        "discard did not punch the head"
+    );
+    let mut buf = vec![1u8; 8 * MIB as usize];
+    v.read(0, &mut buf).expect("read");
+    assert!(buf[..2 * MIB as usize].iter().all(|&b| b == 0xa5));
+    assert!(
+        buf[2 * MIB as usize..6 * MIB as usize]
+            .iter()
+            .all(|&b| b == 0),
+        "discard did not hide the snapshot's data"
+    );
+    assert!(buf[6 * MIB as usize..].iter().all(|&b| b == 0xa5));
+    v.read_snapshot("s1", 0, &mut buf[..4 * MIB as usize])
+        .expect("snapshot read");
+    assert!(
+        buf[..4 * MIB as usize].iter().all(|&b| b == 0xa5),
+        "discard changed the snapshot"
+    );
+}
+
+#[test]
+fn clones_are_independent_and_outlive_their_source() {
+    let root = scratch();
+    let src_dir = root.path().join("src");
+    let v = create(&src_dir, 4 * MIB);
+    v.write(0, &block_data(1, 4096), false).expect("write");
+    v.create_snapshot("s1").expect("snapshot");
+    let c = v
+        .clone_snapshot("s1", &root.path().join("clone"))
+        .expect("clone");
+    c.write(0, &block_data(2, 4096), false)
+        .expect("clone write");
+    v.write(4096, &block_data(3, 4096), false)
+        .expect("source write");
+    let mut buf = vec![0u8; 8192];
+    c.read(0, &mut buf).expect("read clone");
+    assert_eq!(&buf[..4096], &block_data(2, 4096)[..]);
+    assert_eq!(
+        &buf[4096..],
+        &block_data(0, 4096)[..],
+        "source write visible in the clone"
+    );
+    v.read(0, &mut buf).expect("read source");
+    assert_eq!(
+        &buf[..4096],
+        &block_data(1, 4096)[..],
+        "clone write visible in the source"
+    );
+
+    // Delete the source snapshot, then the whole source volume: the clone still reads right.
+    v.delete_snapshot("s1").expect("delete");
+    drop(v);
+    fs::remove_dir_all(&src_dir).expect("remove source");
+    c.close().expect("close");
+    let c = Volume::open(&root.path().join("clone")).expect("reopen clone");
+    c.read(0, &mut buf).expect("read clone");
+    assert_eq!(&buf[..4096], &block_data(2, 4096)[..]);
+    assert_eq!(c.status().origin.map(|o| o.ends_with("/s1")), Some(true));
+}
+
+#[test]
+fn changed_and_allocated_extents_are_exact_and_merged() {
+    let root = scratch();
+    let v = create(&root.path().join("v"), 4 * MIB);
+    let b = |n: u64| n * 4096;
+    v.write(b(0), &vec![1u8; 3 * 4096], false).expect("write");
+    v.write(b(10), &vec![1u8; 4096], false).expect("write");
+    v.create_snapshot("a").expect("snap");
+    v.write(b(2), &vec![2u8; 2 * 4096], false).expect("write");
+    v.discard(b(10), b(1)).expect("discard");
+    v.create_snapshot("b").expect("snap");
+    v.write(b(20), &vec![3u8; 4096], false).expect("write");
+    v.create_snapshot("c").expect("snap");
+    let ext = |o: u64, l: u64| Extent {
+        offset: b(o),
+        length: b(l),
+    };
+    assert_eq!(
+        v.allocated_extents("a").expect("a"),
+        vec![ext(0, 3), ext(10, 1)]
+    );
+    assert_eq!(v.allocated_extents("b").expect("b"), vec![ext(0, 4)]);
+    assert_eq!(
+        v.changed_extents("a", "b").expect("a..b"),
+        vec![ext(2, 2), ext(10, 1)]
+    );
+    assert_eq!(
+        v.changed_extents("a", "c").expect("a..c"),
+        vec![ext(2, 2), ext(10, 1), ext(20, 1)]
+    );
+    assert!(
+        v.changed_extents("c", "a").is_err(),
+        "reverse order accepted"
+    );
+    v.delete_snapshot("b").expect("delete b");
+    assert_eq!(
+        v.changed_extents("a", "c").expect("a..c after delete"),
+        vec![ext(2, 2), ext(10, 1), ext(20, 1)]
+    );
+}
+
+#[test]
+fn a_huge_sparse_volume_costs_nothing_until_written() {
+    let root = scratch();
+    let dir = root.path().join("v");
+    let v = create(&dir, 1 << 40);
+    v.write((1 << 40) - 4096, &block_data(9, 4096), false)
+        .expect("write last block");
+    v.create_snapshot("s").expect("snapshot");
+    assert!(
+        disk_usage(&dir) < MIB,
+        "a 1 TiB volume allocated {} bytes",
+        disk_usage(&dir)
+    );
+    let mut buf = vec![0u8; 4096];
+    v.read_snapshot("s", (1 << 40) - 4096, &mut buf)
+        .expect("read");
+    assert_eq!(buf, block_data(9, 4096));
+    assert!(v.status().map_bytes < 4096);
+}
