@@ -1,8 +1,11 @@
 //! snapblk: serves volumes as Linux ublk block devices with instant, consistent snapshots.
 //!
-//! Layers, data flowing down: `cli` (argument parsing) -> `ublk` (the block device) ->
-//! `engine` (the volume: layers, roaring maps, snapshots; plain files, no kernel driver).
+//! Layers, data flowing down: `cli` (argument parsing) -> `ctl` (control socket, freeze
+//! coordination) -> `ublk` (the block device) -> `engine` (the volume: layers, roaring
+//! maps, snapshots; plain files, no kernel driver). `sys` holds small OS helpers.
 
 pub mod cli;
+pub mod ctl;
 pub mod engine;
+pub mod sys;
 pub mod ublk;

@@ -1,9 +1,11 @@
 //! The command line: argument parsing only; each command calls into the layers below.
 
+pub mod ctl;
 pub mod output;
 pub mod serve;
 pub mod size;
 pub mod snapshot;
+pub mod target;
 pub mod volume;
 
 use clap::{Parser, Subcommand};
@@ -27,9 +29,18 @@ pub enum Command {
     /// Create, inspect and clone volumes.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
-    /// Take, list, show and delete snapshots of a volume that is not being served.
+    /// Take, list, show and delete snapshots (through the daemon when served).
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Show a volume's state: device, data mode, freeze, layers, snapshots, space.
+    Status(ctl::StatusArgs),
+    /// Freeze the file system on a served volume while this command runs (tests, emergencies).
+    Freeze(ctl::FreezeCmdArgs),
+    /// Thaw a file system frozen through the daemon.
+    Thaw(ctl::ThawArgs),
+    /// Internal: the watchdog that thaws a frozen file system if the daemon dies.
+    #[command(hide = true)]
+    FreezeWatchdog(ctl::WatchdogArgs),
     /// Serve a volume as a ublk block device until SIGTERM or SIGINT.
     Serve(serve::ServeArgs),
 }
@@ -39,6 +50,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Volume(c) => volume::run(c),
         Command::Snapshot(c) => snapshot::run(c),
+        Command::Status(a) => ctl::status(a),
+        Command::Freeze(a) => ctl::freeze(a),
+        Command::Thaw(a) => ctl::thaw(a),
+        Command::FreezeWatchdog(a) => ctl::watchdog(a),
         Command::Serve(a) => serve::run(a),
     }
 }

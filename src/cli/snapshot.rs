@@ -1,89 +1,195 @@
-//! `snapblk snapshot ...`: snapshots of a volume that is not being served.
+//! `snapblk snapshot ...`: take, list, show and delete snapshots, through the daemon when
+//! the volume is served (with freeze coordination), or on the folder when it is not.
 
-use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
 
 use super::output::{print, Format};
 use super::size::human;
+use super::target::{Target, VolumeArg};
+use crate::ctl::protocol::{Command, FreezeMode, NameArgs, SnapshotCreateArgs};
 use crate::engine::{SnapshotInfo, Volume};
 
-/// Snapshot commands. They open the volume folder directly, so the volume must not be
-/// served at the same time (the folder is locked while served).
+/// Snapshot commands.
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
-    /// Take a snapshot (crash-consistent: every acknowledged write is in it).
-    Create {
-        /// The volume's folder.
-        #[arg(long)]
-        volume: PathBuf,
-        /// Name: letters, digits, '.', '_' and '-'.
-        name: String,
-        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
-        format: Format,
-    },
+    /// Take a snapshot. When the volume is served and a file system is mounted from its
+    /// device, the file system is frozen for the cut (application-consistent); otherwise
+    /// the snapshot is crash-consistent (every acknowledged write is in it).
+    Create(CreateArgs),
     /// List snapshots, oldest first.
     List {
-        #[arg(long)]
-        volume: PathBuf,
+        #[command(flatten)]
+        volume: VolumeArg,
         #[arg(short = 'o', long = "output", value_enum, default_value_t)]
         format: Format,
     },
     /// Show one snapshot.
     Show {
-        #[arg(long)]
-        volume: PathBuf,
+        /// The snapshot's name.
         name: String,
+        #[command(flatten)]
+        volume: VolumeArg,
         #[arg(short = 'o', long = "output", value_enum, default_value_t)]
         format: Format,
     },
     /// Delete a snapshot and give back the space only it held.
     Delete {
-        #[arg(long)]
-        volume: PathBuf,
+        /// The snapshot's name.
         name: String,
+        #[command(flatten)]
+        volume: VolumeArg,
     },
+}
+
+/// Arguments of `snapshot create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Name: letters, digits, '.', '_' and '-' (at most 128). Asking again for an existing
+    /// name returns that snapshot.
+    pub name: String,
+    #[command(flatten)]
+    pub volume: VolumeArg,
+    /// auto: freeze the file systems mounted from the device; none: do not freeze
+    /// (crash-consistent; the only choice for NFS / ReadWriteMany consumers).
+    #[arg(long, value_enum, default_value_t)]
+    pub freeze: FreezeMode,
+    /// Freeze this mount point (must be mounted from the volume's device) instead of
+    /// looking the device's mounts up.
+    #[arg(long, value_name = "PATH")]
+    pub mount: Option<String>,
+    /// Longest time the file system may stay frozen (e.g. 500ms, 10s); past it the file
+    /// system is thawed and the snapshot discarded.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub freeze_timeout: Duration,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub format: Format,
+}
+
+/// Parses `500ms`, `10s`, `2m` or a number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = t.split_at(
+        t.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(t.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 10s, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    };
+    if !secs.is_finite() || !(0.0..=86_400.0).contains(&secs) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Runs a `snapshot` command.
 pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
     match cmd {
-        SnapshotCommand::Create {
-            volume,
-            name,
-            format,
-        } => {
-            let v = Volume::open(&volume)?;
-            let report = v.create_snapshot(&name)?;
-            print(format, &report, |r| {
-                format!(
-                    "snapshot {} taken (crash-consistent; cut {:.3} ms)",
-                    r.snapshot.name,
-                    r.total.as_secs_f64() * 1e3
-                )
-            })?;
-            Ok(v.close()?)
-        }
+        SnapshotCommand::Create(a) => create(a),
         SnapshotCommand::List { volume, format } => {
-            let v = Volume::open(&volume)?;
-            print(format, &v.list_snapshots(), |list| render_list(list))
+            let list: Vec<SnapshotInfo> = match volume.resolve()? {
+                Target::Daemon(mut c, _) => {
+                    serde_json::from_value(c.call(Command::SnapshotList)?["snapshots"].take())?
+                }
+                Target::Folder(dir) => Volume::open(&dir)?.list_snapshots(),
+            };
+            print(format, &list, |l| render_list(l))
         }
         SnapshotCommand::Show {
-            volume,
             name,
+            volume,
             format,
         } => {
-            let v = Volume::open(&volume)?;
-            let info = v.snapshot_info(&name)?;
+            let info: SnapshotInfo = match volume.resolve()? {
+                Target::Daemon(mut c, _) => serde_json::from_value(
+                    c.call(Command::SnapshotShow(NameArgs { name }))?["snapshot"].take(),
+                )?,
+                Target::Folder(dir) => Volume::open(&dir)?.snapshot_info(&name)?,
+            };
             print(format, &info, |s| render_list(std::slice::from_ref(s)))
         }
-        SnapshotCommand::Delete { volume, name } => {
-            let v = Volume::open(&volume)?;
-            v.delete_snapshot(&name)?;
+        SnapshotCommand::Delete { name, volume } => {
+            match volume.resolve()? {
+                Target::Daemon(mut c, _) => {
+                    c.call(Command::SnapshotDelete(NameArgs { name: name.clone() }))?;
+                }
+                Target::Folder(dir) => {
+                    let v = Volume::open(&dir)?;
+                    v.delete_snapshot(&name)?;
+                    v.close()?;
+                }
+            }
             println!("snapshot {name} deleted");
-            Ok(v.close()?)
+            Ok(())
         }
     }
+}
+
+fn create(a: CreateArgs) -> anyhow::Result<()> {
+    let result: Value = match a.volume.resolve()? {
+        Target::Daemon(mut c, _) => c.call(Command::SnapshotCreate(SnapshotCreateArgs {
+            name: a.name.clone(),
+            freeze: a.freeze,
+            mount: a.mount.clone(),
+            freeze_timeout_ms: Some(a.freeze_timeout.as_millis().max(1) as u64),
+        }))?,
+        Target::Folder(dir) => {
+            if a.mount.is_some() {
+                anyhow::bail!(
+                    "--mount needs the volume to be served (no daemon answers for {})",
+                    a.volume.volume
+                );
+            }
+            let v = Volume::open(&dir)?;
+            let out = match v.snapshot_info(&a.name) {
+                Ok(existing) => json!({ "snapshot": existing, "created": false }),
+                Err(_) => {
+                    let r = v.create_snapshot(&a.name)?;
+                    json!({
+                        "snapshot": r.snapshot,
+                        "created": true,
+                        "consistency": "crash-consistent: the volume is not served, nothing to freeze",
+                        "cut_ms": r.total.as_secs_f64() * 1e3,
+                    })
+                }
+            };
+            v.close()?;
+            out
+        }
+    };
+    print(a.format, &result, render_created)
+}
+
+fn render_created(r: &Value) -> String {
+    let name = r["snapshot"]["name"].as_str().unwrap_or("?");
+    if r["created"] == json!(false) {
+        return format!("snapshot {name} already exists (nothing done)");
+    }
+    let mut s = format!(
+        "snapshot {name} taken: {}",
+        r["consistency"].as_str().unwrap_or("")
+    );
+    if let Some(mounts) = r["frozen_mounts"].as_array().filter(|m| !m.is_empty()) {
+        let list: Vec<&str> = mounts.iter().filter_map(Value::as_str).collect();
+        s.push_str(&format!(
+            "\nfrozen {} for {:.1} ms",
+            list.join(", "),
+            r["frozen_ms"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    s.push_str(&format!(
+        "\ncut {:.2} ms",
+        r["cut_ms"].as_f64().unwrap_or(0.0)
+    ));
+    s
 }
 
 /// A table of snapshots.
@@ -92,12 +198,12 @@ pub fn render_list(list: &[SnapshotInfo]) -> String {
         return "no snapshots".into();
     }
     let mut out = format!(
-        "{:<6} {:<32} {:<24} {:>10} {:>12}\n",
+        "{:<6} {:<32} {:<20} {:>10} {:>12}\n",
         "ID", "NAME", "CREATED (UTC)", "SIZE", "OWNED"
     );
     for s in list {
         out.push_str(&format!(
-            "{:<6} {:<32} {:<24} {:>10} {:>12}\n",
+            "{:<6} {:<32} {:<20} {:>10} {:>12}\n",
             s.id,
             s.name,
             utc(s.created_unix_ms),
@@ -132,6 +238,25 @@ fn utc(ms: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            super::parse_duration("500ms"),
+            Ok(Duration::from_millis(500))
+        );
+        assert_eq!(super::parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(super::parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(
+            super::parse_duration("1.5"),
+            Ok(Duration::from_millis(1500))
+        );
+        for bad in ["", "x", "10h", "-1s", "1e9s"] {
+            assert!(super::parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
     #[test]
     fn utc_dates() {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00");

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use roaring::RoaringBitmap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::{EngineError, Result};
 use super::extent::{self, Extent};
@@ -16,7 +16,7 @@ use super::plan;
 use super::volume::{now_ms, read_plan, Meta, Stack, Volume};
 
 /// What a snapshot is, as listed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
     pub id: u64,
     pub name: String,

@@ -489,7 +489,7 @@ fn remove_leftovers(dir: &Path, manifest: &Manifest) -> Result<()> {
 }
 
 /// A volume's state, for `status` commands and logs.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VolumeStatus {
     pub name: String,
     pub volume_id: String,

@@ -1,0 +1,374 @@
+//! Freezing a file system for a consistent snapshot, and making sure it never stays
+//! frozen: FIFREEZE/FITHAW on the mount point, a watchdog process that thaws at the
+//! deadline or as soon as the daemon dies, and a marker file that a restarted daemon
+//! reads to thaw what a crash left frozen.
+//!
+//! FIFREEZE makes the file system flush everything through the device, so it must never
+//! be called from a ublk queue thread; the queues keep serving while it is frozen.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::protocol::{CtlError, ErrorCode};
+use crate::sys::mountinfo::{self, Mount};
+
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+/// What a thaw found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Thawed {
+    /// It was frozen and is thawed now.
+    Thawed,
+    /// It was not frozen (already thawed by someone).
+    WasNotFrozen,
+}
+
+fn ioctl_path(path: &Path, req: libc::c_ulong) -> std::io::Result<()> {
+    let dir = File::open(path)?;
+    let mut arg: libc::c_int = 0;
+    // SAFETY: FIFREEZE/FITHAW take an int argument; `dir` is an open descriptor.
+    let rc = unsafe { libc::ioctl(dir.as_raw_fd(), req as _, &mut arg) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Freezes the file system mounted at `path`.
+pub fn freeze(path: &Path) -> Result<(), CtlError> {
+    ioctl_path(path, FIFREEZE).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBUSY) => CtlError::new(
+            ErrorCode::AlreadyFrozen,
+            format!("{} is already frozen by someone else; thaw it (fsfreeze -u) or retry later", path.display()),
+        ),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL) => CtlError::new(
+            ErrorCode::FreezeUnsupported,
+            format!(
+                "the file system at {} cannot be frozen; use --freeze none for a crash-consistent snapshot",
+                path.display()
+            ),
+        ),
+        Some(libc::EPERM) | Some(libc::EACCES) => CtlError::new(
+            ErrorCode::PermissionDenied,
+            format!("not allowed to freeze {}: the daemon needs CAP_SYS_ADMIN", path.display()),
+        ),
+        _ => CtlError::new(ErrorCode::Io, format!("freezing {}: {e}", path.display())),
+    })
+}
+
+/// Thaws the file system mounted at `path`; thawing one that is not frozen is no error.
+pub fn thaw(path: &Path) -> Result<Thawed, CtlError> {
+    match ioctl_path(path, FITHAW) {
+        Ok(()) => Ok(Thawed::Thawed),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Thawed::WasNotFrozen),
+        Err(e) => Err(CtlError::new(
+            ErrorCode::Io,
+            format!("thawing {}: {e}", path.display()),
+        )),
+    }
+}
+
+/// The mount points to freeze for device `major:minor` (or the one the caller named),
+/// one per file system, after refusing what cannot be frozen.
+pub fn targets(dev: (u32, u32), named: Option<&Path>) -> Result<Vec<PathBuf>, CtlError> {
+    let io = |e: std::io::Error| {
+        CtlError::new(ErrorCode::Io, format!("reading /proc/self/mountinfo: {e}"))
+    };
+    let mounts: Vec<Mount> = match named {
+        Some(p) => {
+            let m = mountinfo::at(p).map_err(io)?.ok_or_else(|| {
+                CtlError::new(
+                    ErrorCode::NotFound,
+                    format!("{} is not a mount point", p.display()),
+                )
+            })?;
+            if mountinfo::is_nfs(&m) {
+                return Err(nfs_refusal(&format!(
+                    "{} is an NFS client mount",
+                    p.display()
+                )));
+            }
+            if (m.major, m.minor) != dev {
+                return Err(CtlError::new(
+                    ErrorCode::NotFound,
+                    format!(
+                        "{} is not mounted from this volume's device ({}:{}), but from {}",
+                        p.display(),
+                        dev.0,
+                        dev.1,
+                        m.source
+                    ),
+                ));
+            }
+            vec![m]
+        }
+        None => mountinfo::of_device(dev.0, dev.1).map_err(io)?,
+    };
+    let exports = mountinfo::nfs_exports();
+    for m in &mounts {
+        if let Some(e) = exports.iter().find(|e| e.starts_with(&m.mount_point)) {
+            return Err(nfs_refusal(&format!(
+                "{} (on this volume) is exported over NFS",
+                e.display()
+            )));
+        }
+    }
+    // All mounts of one device share one file system: freezing one freezes all.
+    Ok(mounts.into_iter().take(1).map(|m| m.mount_point).collect())
+}
+
+fn nfs_refusal(what: &str) -> CtlError {
+    CtlError::new(
+        ErrorCode::NfsNotFreezable,
+        format!(
+            "{what}: NFS clients (ReadWriteMany consumers) keep their own caches, which no freeze on this node can flush, \
+             so an application-consistent snapshot is impossible; use --freeze none for a crash-consistent snapshot"
+        ),
+    )
+}
+
+/// A freeze in progress: thaws on drop, and a watchdog process thaws at the deadline or
+/// when this process dies.
+pub struct FreezeGuard {
+    mounts: Vec<PathBuf>,
+    marker: Option<PathBuf>,
+    watchdog: Option<(Child, ChildStdin)>,
+    deadline: Instant,
+}
+
+impl FreezeGuard {
+    /// Freezes `mounts` for at most `timeout`. `watchdog` is the program (this binary)
+    /// run as `PROGRAM freeze-watchdog --timeout-ms N MOUNT...`; `marker` is written
+    /// with the mount points while they are frozen.
+    pub fn freeze(
+        mounts: Vec<PathBuf>,
+        timeout: Duration,
+        watchdog: Option<&Path>,
+        marker: Option<PathBuf>,
+    ) -> Result<FreezeGuard, CtlError> {
+        let deadline = Instant::now() + timeout;
+        let mut guard = FreezeGuard {
+            mounts: vec![],
+            marker,
+            watchdog: None,
+            deadline,
+        };
+        if mounts.is_empty() {
+            return Ok(guard);
+        }
+        if let Some(m) = &guard.marker {
+            let text: String = mounts
+                .iter()
+                .map(|p| format!("{}\n", p.display()))
+                .collect();
+            if let Err(e) = std::fs::write(m, text) {
+                tracing::warn!(marker = %m.display(), error = %e, "cannot write the freeze marker");
+            }
+        }
+        if let Some(program) = watchdog {
+            guard.watchdog = Some(spawn_watchdog(program, &mounts, timeout)?);
+        }
+        for m in mounts {
+            freeze(&m)?;
+            guard.mounts.push(m);
+            if Instant::now() >= guard.deadline {
+                return Err(CtlError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "freezing took longer than the {} ms allowed; thawed",
+                        timeout.as_millis()
+                    ),
+                ));
+            }
+        }
+        Ok(guard)
+    }
+
+    /// The mounts frozen.
+    pub fn mounts(&self) -> &[PathBuf] {
+        &self.mounts
+    }
+
+    /// True once the deadline has passed (the watchdog may have thawed already).
+    pub fn expired(&self) -> bool {
+        Instant::now() >= self.deadline
+    }
+
+    /// Thaws everything now; errors are logged and returned for the first mount.
+    pub fn thaw(mut self) -> Result<(), CtlError> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<(), CtlError> {
+        let mut first = Ok(());
+        for m in self.mounts.drain(..) {
+            if let Err(e) = thaw(&m) {
+                tracing::error!(mount = %m.display(), error = %e, "thaw failed");
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        if let Some((mut child, mut stdin)) = self.watchdog.take() {
+            // Tell the watchdog we are done, then reap it.
+            let _ = stdin.write_all(b"done\n");
+            drop(stdin);
+            let _ = child.wait();
+        }
+        if let Some(m) = self.marker.take() {
+            let _ = std::fs::remove_file(m);
+        }
+        first
+    }
+}
+
+impl Drop for FreezeGuard {
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
+fn spawn_watchdog(
+    program: &Path,
+    mounts: &[PathBuf],
+    timeout: Duration,
+) -> Result<(Child, ChildStdin), CtlError> {
+    let mut child = Command::new(program)
+        .arg("freeze-watchdog")
+        .arg("--timeout-ms")
+        .arg(timeout.as_millis().to_string())
+        .args(mounts)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            CtlError::new(
+                ErrorCode::Internal,
+                format!(
+                    "cannot start the freeze watchdog {}: {e}",
+                    program.display()
+                ),
+            )
+        })?;
+    let stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| CtlError::new(ErrorCode::Internal, "the freeze watchdog has no stdin"))?;
+    Ok((child, stdin))
+}
+
+/// The watchdog's body (`snapblk freeze-watchdog`): waits for `done` on stdin; if stdin
+/// closes without it (the daemon died) or `timeout` passes, thaws `mounts` (retrying
+/// until the daemon says done, since a freeze may still be completing).
+pub fn run_watchdog(timeout: Duration, mounts: &[PathBuf]) -> i32 {
+    let (tx, rx) = std::sync::mpsc::channel::<bool>();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let mut stdin = std::io::stdin().lock();
+        let _ = stdin.read_to_end(&mut buf);
+        let _ = tx.send(buf.starts_with(b"done"));
+    });
+    let deadline = Instant::now() + timeout;
+    match rx.recv_timeout(timeout) {
+        Ok(true) => return 0,
+        Ok(false) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            // The daemon died holding the freeze: thaw now.
+            thaw_all(mounts, "the daemon exited while the file system was frozen");
+            return 0;
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+    }
+    tracing::warn!(?mounts, "freeze deadline passed: thawing");
+    loop {
+        thaw_all(mounts, "the freeze deadline passed");
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                thaw_all(mounts, "final check");
+                return 0;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if deadline.elapsed() > Duration::from_secs(600) {
+                    return 1;
+                }
+            }
+        }
+    }
+}
+
+fn thaw_all(mounts: &[PathBuf], why: &str) {
+    for m in mounts {
+        match thaw(m) {
+            Ok(Thawed::Thawed) => {
+                tracing::warn!(mount = %m.display(), why, "thawed by the freeze watchdog")
+            }
+            Ok(Thawed::WasNotFrozen) => {}
+            Err(e) => {
+                tracing::error!(mount = %m.display(), error = %e, "the freeze watchdog could not thaw")
+            }
+        }
+    }
+}
+
+/// Thaws what a previous daemon left frozen (its marker file), at start-up.
+pub fn thaw_leftovers(marker: &Path) {
+    let Ok(text) = std::fs::read_to_string(marker) else {
+        return;
+    };
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        match thaw(Path::new(line)) {
+            Ok(Thawed::Thawed) => tracing::warn!(
+                mount = line,
+                "thawed a file system a previous daemon left frozen"
+            ),
+            Ok(Thawed::WasNotFrozen) => {}
+            Err(e) => {
+                tracing::error!(mount = line, error = %e, "could not thaw a file system left frozen")
+            }
+        }
+    }
+    let _ = std::fs::remove_file(marker);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freezing_an_unfreezable_file_system_is_refused_clearly() {
+        // /proc cannot be frozen on any kernel.
+        let e = freeze(Path::new("/proc")).expect_err("froze /proc");
+        assert!(
+            matches!(
+                e.code,
+                ErrorCode::FreezeUnsupported | ErrorCode::PermissionDenied
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_mount_of_another_device_is_refused() {
+        let e = targets((u32::MAX, u32::MAX), Some(Path::new("/proc"))).expect_err("accepted");
+        assert_eq!(e.code, ErrorCode::NotFound, "{e:?}");
+        let e = targets((1, 1), Some(Path::new("/definitely/not/mounted"))).expect_err("accepted");
+        assert_eq!(e.code, ErrorCode::NotFound);
+    }
+
+    #[test]
+    fn no_mounts_means_nothing_to_freeze() {
+        assert_eq!(
+            targets((u32::MAX, u32::MAX), None).expect("lookup"),
+            Vec::<PathBuf>::new()
+        );
+        let g =
+            FreezeGuard::freeze(vec![], Duration::from_secs(1), None, None).expect("empty freeze");
+        assert!(g.mounts().is_empty());
+        g.thaw().expect("thaw nothing");
+    }
+}

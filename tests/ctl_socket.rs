@@ -1,0 +1,240 @@
+//! The control socket under bad input: malformed requests, oversized and slow lines,
+//! vanished clients and many clients at once get clear errors, and the daemon keeps
+//! answering everyone else. Runs on the host (no device: snapshots are crash-consistent).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use snapblk::ctl::client::Client;
+use snapblk::ctl::protocol::{
+    Command, ErrorCode, FreezeArgs, FreezeMode, NameArgs, SnapshotCreateArgs, MAX_LINE,
+};
+use snapblk::ctl::server::{Access, Limits, Server};
+use snapblk::ctl::service::VolumeService;
+use snapblk::engine::{CreateOptions, Volume};
+
+use common::scratch;
+
+fn limits() -> Limits {
+    Limits {
+        max_clients: 8,
+        line_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(5),
+        write_timeout: Duration::from_secs(2),
+    }
+}
+
+fn start(dir: &Path) -> (Server, Volume) {
+    let vol = Volume::create(
+        &dir.join("vol"),
+        &CreateOptions {
+            size: 1 << 20,
+            block_size: 4096,
+        },
+    )
+    .expect("create");
+    let svc = Arc::new(VolumeService::new(vol.clone(), None, None, None));
+    let server =
+        Server::start(&dir.join("ctl.sock"), Access::default(), limits(), svc).expect("start");
+    (server, vol)
+}
+
+fn raw(path: &Path, bytes: &[u8]) -> Value {
+    let mut s = UnixStream::connect(path).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(bytes).expect("write");
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("read");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?} is not JSON: {e}"))
+}
+
+fn error_code(v: &Value) -> String {
+    v["error"]["code"].as_str().unwrap_or("none").to_string()
+}
+
+#[test]
+fn requests_round_trip_and_snapshots_are_idempotent() {
+    let root = scratch();
+    let (server, vol) = start(root.path());
+    let mut c = Client::connect(server.path()).expect("connect");
+    let st = c.call(Command::Status).expect("status");
+    assert_eq!(st["volume"]["size"], json!(1 << 20));
+    let create = |c: &mut Client, name: &str| {
+        c.call(Command::SnapshotCreate(SnapshotCreateArgs {
+            name: name.into(),
+            freeze: FreezeMode::Auto,
+            mount: None,
+            freeze_timeout_ms: None,
+        }))
+    };
+    let r = create(&mut c, "s1").expect("create");
+    assert_eq!(r["created"], json!(true));
+    assert!(
+        r["consistency"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("crash-consistent"),
+        "{r}"
+    );
+    assert!(r["cut_ms"].as_f64().is_some());
+    let again = create(&mut c, "s1").expect("same name again");
+    assert_eq!(again["created"], json!(false));
+    assert_eq!(again["snapshot"]["id"], r["snapshot"]["id"]);
+    let e = create(&mut c, "../etc").expect_err("bad name");
+    assert_eq!(e.code, ErrorCode::InvalidName);
+    let list = c.call(Command::SnapshotList).expect("list");
+    assert_eq!(list["snapshots"].as_array().map(Vec::len), Some(1));
+    let e = c
+        .call(Command::SnapshotShow(NameArgs {
+            name: "nope".into(),
+        }))
+        .expect_err("missing");
+    assert_eq!(e.code, ErrorCode::NotFound);
+    c.call(Command::SnapshotDelete(NameArgs { name: "s1".into() }))
+        .expect("delete");
+    assert!(vol.list_snapshots().is_empty());
+    let e = c
+        .call(Command::Freeze(FreezeArgs::default()))
+        .expect_err("no device to freeze");
+    assert_eq!(e.code, ErrorCode::NotFound);
+    let e = c
+        .call(Command::Thaw(FreezeArgs::default()))
+        .expect_err("nothing frozen");
+    assert_eq!(e.code, ErrorCode::NotFound);
+}
+
+#[test]
+fn malformed_requests_get_errors_and_the_connection_goes_on() {
+    let root = scratch();
+    let (server, _vol) = start(root.path());
+    let p = server.path();
+    assert_eq!(error_code(&raw(p, b"this is not json\n")), "bad_request");
+    assert_eq!(
+        error_code(&raw(p, b"{\"v\":9,\"cmd\":\"status\"}\n")),
+        "unsupported_version"
+    );
+    assert_eq!(
+        error_code(&raw(p, b"{\"v\":1,\"cmd\":\"format_disk\"}\n")),
+        "unknown_command"
+    );
+    assert_eq!(error_code(&raw(p, b"\xff\xfe\n")), "bad_request");
+    // Several requests on one connection, a bad one in the middle.
+    let mut s = UnixStream::connect(p).expect("connect");
+    s.write_all(b"{\"v\":1,\"id\":1,\"cmd\":\"status\"}\n[]\n{\"v\":1,\"id\":3,\"cmd\":\"snapshot.list\"}\n")
+        .expect("write");
+    let mut r = BufReader::new(s);
+    let mut codes = vec![];
+    for _ in 0..3 {
+        let mut line = String::new();
+        r.read_line(&mut line).expect("read");
+        let v: Value = serde_json::from_str(&line).expect("json");
+        codes.push((v["id"].clone(), error_code(&v)));
+    }
+    assert_eq!(
+        codes,
+        vec![
+            (json!(1), "none".into()),
+            (Value::Null, "bad_request".into()),
+            (json!(3), "none".into())
+        ]
+    );
+}
+
+#[test]
+fn oversized_and_slow_lines_are_cut_off() {
+    let root = scratch();
+    let (server, _vol) = start(root.path());
+    let mut big = vec![b'x'; MAX_LINE + 10];
+    big.push(b'\n');
+    assert_eq!(error_code(&raw(server.path(), &big)), "line_too_long");
+    // A client that starts a line and stalls gets a timeout, and others are served meanwhile.
+    let mut slow = UnixStream::connect(server.path()).expect("connect");
+    slow.write_all(b"{\"v\":1,").expect("write");
+    let t = Instant::now();
+    let mut c = Client::connect(server.path()).expect("connect");
+    c.call(Command::Status)
+        .expect("status while a client stalls");
+    assert!(
+        t.elapsed() < Duration::from_millis(250),
+        "a stalled client delayed another"
+    );
+    slow.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut line = String::new();
+    BufReader::new(slow).read_line(&mut line).expect("read");
+    assert!(line.contains("\"timeout\""), "{line}");
+}
+
+#[test]
+fn vanished_and_excess_clients_do_not_disturb_the_daemon() {
+    let root = scratch();
+    let (server, _vol) = start(root.path());
+    // Clients that send half a request, or a request, and vanish.
+    for i in 0..20 {
+        let mut s = UnixStream::connect(server.path()).expect("connect");
+        if i % 2 == 0 {
+            let _ = s.write_all(b"{\"v\":1,\"cmd\":\"snap");
+        } else {
+            let _ = s.write_all(b"{\"v\":1,\"cmd\":\"snapshot.list\"}\n");
+        }
+    }
+    // Let those connections end, then fill every slot, then one more: it is told to retry.
+    std::thread::sleep(Duration::from_millis(200));
+    let held: Vec<UnixStream> = (0..8)
+        .map(|_| UnixStream::connect(server.path()).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let v = raw(server.path(), b"{\"v\":1,\"cmd\":\"status\"}\n");
+    let code = error_code(&v);
+    assert_eq!(code, "busy", "{v}");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut c = Client::connect(server.path()).expect("connect");
+    c.call(Command::Status).expect("status after the storm");
+}
+
+#[test]
+fn a_second_daemon_cannot_steal_a_live_socket_and_a_stale_one_is_replaced() {
+    let root = scratch();
+    let (server, vol) = start(root.path());
+    let svc = Arc::new(VolumeService::new(vol.clone(), None, None, None));
+    let e = Server::start(server.path(), Access::default(), limits(), svc.clone())
+        .err()
+        .expect("stole the socket");
+    assert_eq!(e.code, ErrorCode::Busy);
+    let path = server.path().to_path_buf();
+    drop(server);
+    assert!(!path.exists(), "socket left behind");
+    // A stale socket file (no listener) is replaced.
+    let stale = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    drop(stale);
+    let s2 = Server::start(&path, Access::default(), limits(), svc).expect("replace stale socket");
+    let mode = std::fs::metadata(s2.path())
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+    assert_eq!(mode.ok(), Some(0o600));
+    let mut buf = [0u8; 1];
+    let mut s = UnixStream::connect(s2.path()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+    assert!(s.read(&mut buf).is_err(), "the server spoke first");
+}
+
+#[test]
+fn access_rules() {
+    let a = Access {
+        uids: vec![1000],
+        gids: vec![2000],
+    };
+    assert!(a.allows(0, 0));
+    assert!(a.allows(1000, 5));
+    assert!(a.allows(7, 2000));
+    assert!(!a.allows(7, 8));
+    assert!(!Access::default().allows(1000, 1000));
+}
