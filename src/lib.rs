@@ -7,5 +7,6 @@
 pub mod cli;
 pub mod ctl;
 pub mod engine;
+pub mod stream;
 pub mod sys;
 pub mod ublk;

@@ -6,6 +6,7 @@ pub mod serve;
 pub mod size;
 pub mod snapshot;
 pub mod target;
+pub mod transfer;
 pub mod volume;
 
 use clap::{Parser, Subcommand};
@@ -43,6 +44,10 @@ pub enum Command {
     FreezeWatchdog(ctl::WatchdogArgs),
     /// Serve a volume as a ublk block device until SIGTERM or SIGINT.
     Serve(serve::ServeArgs),
+    /// Write a snapshot (or what changed since an older one) as a backup stream.
+    Export(transfer::ExportArgs),
+    /// Build a new volume from a full backup stream and the incrementals after it.
+    Import(transfer::ImportArgs),
 }
 
 /// Runs the parsed command.
@@ -55,5 +60,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Thaw(a) => ctl::thaw(a),
         Command::FreezeWatchdog(a) => ctl::watchdog(a),
         Command::Serve(a) => serve::run(a),
+        Command::Export(a) => transfer::run_export(a),
+        Command::Import(a) => transfer::run_import(a),
     }
 }
