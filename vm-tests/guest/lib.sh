@@ -1,0 +1,56 @@
+# shellcheck shell=sh
+# Helpers for guest tests (vm-tests/guest/NN-name.sh). Source it with
+#   . "$GUEST_LIB"        (or  . "$(dirname "$0")/lib.sh")
+# It runs inside the test VM; see vm-tests/README.md for the test contract
+# and the environment each test gets (SNAPBLK, WORK, RESULTS, MODTREE, ...).
+# Plain POSIX sh, so it works from sh and bash tests alike.
+
+# skip REASON: end the test as skipped (exit 77); REASON is its last line.
+skip() {
+    echo "SKIP: $*"
+    exit 77
+}
+
+# fail MESSAGE: end the test as failed.
+fail() {
+    echo "FAIL: $*" >&2
+    exit 1
+}
+
+# info MESSAGE: a progress line in the test's output.
+info() {
+    echo "--- $*"
+}
+
+# need_cmd CMD...: fail unless every CMD is in PATH.
+need_cmd() {
+    for _c in "$@"; do
+        command -v "$_c" >/dev/null 2>&1 || fail "command not found in the guest: $_c"
+    done
+}
+
+# wait_for_file PATH TIMEOUT_SECONDS: wait until PATH exists (file, device
+# node, socket...); returns 1 on timeout.
+wait_for_file() {
+    _deadline=$(($(date +%s) + ${2:-10}))
+    while [ ! -e "$1" ]; do
+        [ "$(date +%s)" -lt "$_deadline" ] || return 1
+        sleep 0.1
+    done
+}
+
+# modprobe_mod NAME [PARAM=VALUE...]: load a module of the guest kernel
+# (ext4, xfs, loop, dm-thin-pool, ...) from the kernel's module tree.
+modprobe_mod() {
+    modprobe -d "$MODTREE" "$@" || {
+        echo "modprobe $* failed (kernel $KERNEL_VERSION)" >&2
+        return 1
+    }
+}
+
+# load_ublk: load ublk_drv and wait for /dev/ublk-control; fails the test
+# if the driver cannot be loaded.
+load_ublk() {
+    modprobe_mod ublk_drv || fail "cannot load ublk_drv"
+    wait_for_file /dev/ublk-control 10 || fail "/dev/ublk-control did not appear"
+}
