@@ -2,9 +2,12 @@
 //! snapshots, deletes, clones, reads, merges and crashes (also in the middle of metadata
 //! changes), each checked against a simple in-memory model after every step.
 //!
-//! A crash drops the volume without flushing and reopens it: every block must then read as
-//! its value at the last flush or as a value written after it (what a block device may
-//! legally return), and nothing flushed may be lost.
+//! A process crash drops the volume without flushing and reopens it: every acknowledged
+//! write must still be there (a ublk device outlives its daemon, and the file system on it
+//! trusts what was acknowledged). A power loss also loses the page cache's volatile
+//! journal (simulated by deleting it): every block must then read as its value at the last
+//! flush or as a value written after it (what a block device may legally return), and
+//! nothing flushed may be lost.
 //!
 //! Failing cases are shrunk and their seeds saved by proptest in
 //! `tests/engine_model.proptest-regressions`; commit that file so they are replayed.
@@ -58,6 +61,7 @@ enum Op {
     Changed(usize, usize),
     Maintain,
     Crash,
+    PowerLoss,
     CrashDuring {
         op: MetaOp,
         step: u64,
@@ -81,7 +85,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::ReadSnapshots),
         1 => (any::<usize>(), any::<usize>()).prop_map(|(a, b)| Op::Changed(a, b)),
         1 => Just(Op::Maintain),
-        2 => Just(Op::Crash),
+        1 => Just(Op::Crash),
+        2 => Just(Op::PowerLoss),
         2 => (prop_oneof![Just(MetaOp::Snapshot), any::<usize>().prop_map(MetaOp::Delete), any::<usize>().prop_map(MetaOp::Clone)], 1u64..12)
             .prop_map(|(op, step)| Op::CrashDuring { op, step }),
     ]
@@ -201,13 +206,17 @@ impl Harness {
         Ok(())
     }
 
-    fn check_snapshots(&self) -> Result<(), TestCaseError> {
-        let listed: Vec<String> = self
-            .vol()
+    /// Names of the snapshots the engine lists.
+    fn listed(&self) -> Vec<String> {
+        self.vol()
             .list_snapshots()
             .into_iter()
             .map(|s| s.name)
-            .collect();
+            .collect()
+    }
+
+    fn check_snapshots(&self) -> Result<(), TestCaseError> {
+        let listed = self.listed();
         let model: Vec<String> = self.snaps.iter().map(|s| s.name.clone()).collect();
         prop_assert_eq!(listed, model, "snapshot list differs");
         for s in &self.snaps {
@@ -240,10 +249,18 @@ impl Harness {
         Ok(())
     }
 
-    /// Drops the volume as a crash would and reopens it; checks what a crash may do.
+    /// Drops the volume as a power loss would (the page cache, and with it the volatile
+    /// journal, is gone) and reopens it; checks what a power loss may do.
     fn crash(&mut self) -> Result<(), TestCaseError> {
         faults::disarm();
         self.vol = None;
+        let layers = self.dir.join("layers");
+        for e in std::fs::read_dir(&layers).map_err(|e| TestCaseError::fail(e.to_string()))? {
+            let p = e.map_err(|e| TestCaseError::fail(e.to_string()))?.path();
+            if p.extension().is_some_and(|x| x == "vlog") {
+                std::fs::remove_file(&p).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            }
+        }
         self.vol =
             Some(Volume::open(&self.dir).map_err(|e| TestCaseError::fail(format!("reopen: {e}")))?);
         let got = self.read_all(|b| self.vol().read(0, b));
@@ -415,6 +432,18 @@ impl Harness {
                 self.check_snapshots()?;
             }
             Op::Crash => {
+                // The process dies; the page cache (and the machine) live on: nothing
+                // acknowledged may be lost, flushed or not.
+                faults::disarm();
+                self.vol = None;
+                self.vol = Some(
+                    Volume::open(&self.dir)
+                        .map_err(|e| TestCaseError::fail(format!("reopen: {e}")))?,
+                );
+                self.check_live()?;
+                self.check_snapshots()?;
+            }
+            Op::PowerLoss => {
                 self.crash()?;
                 self.check_snapshots()?;
             }
@@ -427,12 +456,7 @@ impl Harness {
                         if r.is_err() {
                             // The cut flushed (or not) before the crash: either is allowed.
                             self.crash()?;
-                            let listed: Vec<String> = self
-                                .vol()
-                                .list_snapshots()
-                                .into_iter()
-                                .map(|s| s.name)
-                                .collect();
+                            let listed = self.listed();
                             if listed.contains(&name) {
                                 self.snaps.push(ModelSnap {
                                     name,
@@ -453,12 +477,7 @@ impl Harness {
                         let r = self.delete(idx);
                         if r.is_err() {
                             self.crash()?;
-                            let listed: Vec<String> = self
-                                .vol()
-                                .list_snapshots()
-                                .into_iter()
-                                .map(|s| s.name)
-                                .collect();
+                            let listed = self.listed();
                             if !listed.contains(&name) {
                                 self.forget_snapshot(idx);
                             }

@@ -13,6 +13,7 @@ use roaring::RoaringBitmap;
 use super::error::{EngineError, Result};
 use super::layermap::LayerMap;
 use super::maplog::MapLog;
+use super::vlog::{self, Change, VolatileLog};
 
 /// Folder of the layer files inside a volume folder.
 pub const LAYERS_DIR: &str = "layers";
@@ -34,6 +35,28 @@ pub struct LayerState {
     /// Blocks whose state changed since the last flush: their final state goes into the
     /// next journal record.
     pub touched: RoaringBitmap,
+    /// The head's volatile journal: every change, recorded before it is acknowledged, so a
+    /// new daemon finds it after this one dies (see [`vlog`]).
+    pub vlog: Option<VolatileLog>,
+}
+
+impl LayerState {
+    /// Records a change of blocks `[start, end)` in the map, the pending set and the
+    /// volatile journal.
+    pub fn change(&mut self, kind: Change, start: u32, end: u64) {
+        let Some(range) = super::extent::span(start, end) else {
+            return;
+        };
+        match kind {
+            Change::Written => self.map.mark_written(start, end),
+            Change::Zeroed => self.map.mark_zeroed(start, end),
+            Change::Cleared => self.map.clear(start, end),
+        }
+        if let Some(v) = &mut self.vlog {
+            v.record(kind, *range.start(), *range.end());
+        }
+        self.touched.insert_range(range);
+    }
 }
 
 /// A layer of the stack. Frozen layers never change their map in place: a merge builds a
@@ -87,7 +110,7 @@ impl Layer {
         id: u64,
         data: File,
         data_path: PathBuf,
-        map: LayerMap,
+        state: LayerState,
         log: Option<MapLog>,
         sealed: bool,
     ) -> Layer {
@@ -95,10 +118,7 @@ impl Layer {
             id,
             data,
             data_path,
-            state: RwLock::new(LayerState {
-                map,
-                touched: RoaringBitmap::new(),
-            }),
+            state: RwLock::new(state),
             log: log.map(Mutex::new),
             sealed: AtomicBool::new(sealed),
             inflight: AtomicU64::new(0),
@@ -116,14 +136,12 @@ impl Layer {
         let dpath = data_path(dir, id);
         let data = open_data(&dpath, direct, Some(size))?;
         let log = MapLog::create(&map_path(dir, id), id)?;
-        Ok(Layer::new(
-            id,
-            data,
-            dpath,
-            LayerMap::default(),
-            Some(log),
-            false,
-        ))
+        let (vlog, _) = VolatileLog::open(&vlog::path_for(&dpath), id)?;
+        let state = LayerState {
+            vlog: Some(vlog),
+            ..LayerState::default()
+        };
+        Ok(Layer::new(id, data, dpath, state, Some(log), false))
     }
 
     /// Opens the head layer `id`, replaying its journal.
@@ -143,8 +161,24 @@ impl Layer {
         check_size(&data, &dpath, size)?;
         let (log, replayed) = MapLog::open_head(&map_path(dir, id), id)?;
         let mut map = replayed.map;
+        // Changes acknowledged by a daemon that died before flushing them (same boot only).
+        let (vlog, changes) = VolatileLog::open(&vlog::path_for(&dpath), id)?;
+        let touched = vlog::apply(&mut map, &changes);
+        if !changes.is_empty() {
+            tracing::info!(
+                layer = id,
+                changes = changes.len(),
+                blocks = touched.len(),
+                "recovered writes acknowledged but not flushed before the previous process ended"
+            );
+        }
         map.optimize();
-        Ok(Layer::new(id, data, dpath, map, Some(log), false))
+        let state = LayerState {
+            map,
+            touched,
+            vlog: Some(vlog),
+        };
+        Ok(Layer::new(id, data, dpath, state, Some(log), false))
     }
 
     /// Opens the frozen layer `id`; its map must be whole and sealed.
@@ -154,7 +188,11 @@ impl Layer {
         check_size(&data, &dpath, size)?;
         let mut map = MapLog::read_sealed(&map_path(dir, id), id)?;
         map.optimize();
-        Ok(Layer::new(id, data, dpath, map, None, true))
+        let state = LayerState {
+            map,
+            ..LayerState::default()
+        };
+        Ok(Layer::new(id, data, dpath, state, None, true))
     }
 
     /// A frozen twin of this layer with another map (same data file), for merges.
@@ -163,11 +201,15 @@ impl Layer {
             .data
             .try_clone()
             .map_err(|e| EngineError::io(&self.data_path, e))?;
+        let state = LayerState {
+            map,
+            ..LayerState::default()
+        };
         Ok(Layer::new(
             self.id,
             data,
             self.data_path.clone(),
-            map,
+            state,
             None,
             true,
         ))
@@ -228,11 +270,12 @@ impl Layer {
             return Ok(());
         };
         let mut log = log.lock();
-        let (touched, present, zeroed, compact) = {
+        let (touched, present, zeroed, compact, mark) = {
             let mut st = self.state.write();
             if st.touched.is_empty() && !seal {
                 return Ok(());
             }
+            let mark = st.vlog.as_ref().map(VolatileLog::mark);
             let touched = std::mem::take(&mut st.touched);
             let present = &st.map.present & &touched;
             let zeroed = &st.map.zeroed & &touched;
@@ -240,7 +283,7 @@ impl Layer {
             // taken here, under the same lock, so it matches what the data sync covers.
             let compact = (log.len() > 4 * st.map.serialized_size() as u64 + (4 << 20))
                 .then(|| st.map.clone());
-            (touched, present, zeroed, compact)
+            (touched, present, zeroed, compact, mark)
         };
         let result = (|| {
             super::fsutil::sync_data(&self.data, &self.data_path)?;
@@ -267,8 +310,15 @@ impl Layer {
         })();
         match result {
             Ok(()) => {
+                let mut st = self.state.write();
                 if seal {
                     self.sealed.store(true, Ordering::SeqCst);
+                    // Everything is in the sealed map journal: the volatile one is done.
+                    if st.vlog.take().is_some() {
+                        let _ = std::fs::remove_file(vlog::path_for(&self.data_path));
+                    }
+                } else if let (Some(v), Some(m)) = (&mut st.vlog, mark) {
+                    v.covered(m);
                 }
                 Ok(())
             }
@@ -278,6 +328,15 @@ impl Layer {
                 Err(e)
             }
         }
+    }
+
+    /// True when the volatile journal is filling up and a flush would be wise.
+    pub fn wants_flush(&self) -> bool {
+        self.state
+            .read()
+            .vlog
+            .as_ref()
+            .is_some_and(VolatileLog::wants_flush)
     }
 
     /// Blocks with data in this layer.

@@ -22,6 +22,7 @@ mod manifest;
 mod maplog;
 mod plan;
 mod snapshot;
+mod vlog;
 mod volume;
 
 pub use aligned::AlignedBuf;

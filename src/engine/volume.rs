@@ -15,6 +15,7 @@ use super::fsutil;
 use super::layer::{self, Layer};
 use super::manifest::{check_geometry, LayerEntry, Manifest, FORMAT};
 use super::plan::{self, ReadPlan, ReadSource};
+use super::vlog::Change;
 
 /// Name of the lock file that keeps two processes from opening one volume.
 const LOCK_FILE: &str = "lock";
@@ -109,13 +110,10 @@ impl WriteTicket {
     /// Records that the data is in the file: reads see it from now on, and the next
     /// flush makes it durable.
     pub fn complete(self) {
-        {
-            let mut st = self.layer.state.write();
-            st.map.mark_written(self.start, self.end);
-            if let Some(r) = super::extent::span(self.start, self.end) {
-                st.touched.insert_range(r);
-            }
-        }
+        self.layer
+            .state
+            .write()
+            .change(Change::Written, self.start, self.end);
         // Drop runs leave().
     }
 }
@@ -387,16 +385,13 @@ impl Volume {
         drop(stack);
         let result = fsutil::punch_hole(&head.data, &head.data_path, offset, len);
         if result.is_ok() {
-            let mut st = head.state.write();
-            if bottom {
-                // Nothing lies below to hide: forgetting the blocks is enough and costs no map.
-                st.map.clear(start, end);
+            // With nothing below to hide, forgetting the blocks is enough and costs no map.
+            let kind = if bottom {
+                Change::Cleared
             } else {
-                st.map.mark_zeroed(start, end);
-            }
-            if let Some(r) = super::extent::span(start, end) {
-                st.touched.insert_range(r);
-            }
+                Change::Zeroed
+            };
+            head.state.write().change(kind, start, end);
         }
         head.leave();
         result
@@ -407,6 +402,13 @@ impl Volume {
     pub fn flush(&self) -> Result<()> {
         let mut meta = self.inner.meta.lock();
         self.commit_stack(&mut meta, None)
+    }
+
+    /// True when unflushed changes pile up (the volatile journal is half full): a server
+    /// should flush soon, even if its client does not ask.
+    pub fn flush_advised(&self) -> bool {
+        let stack = self.inner.stack.read();
+        stack[stack.len() - 1].wants_flush()
     }
 
     /// Flushes and closes the volume (dropping it without `close` is like a crash: what was
@@ -475,9 +477,11 @@ fn remove_leftovers(dir: &Path, manifest: &Manifest) -> Result<()> {
         let Ok(id) = id.parse::<u64>() else {
             continue;
         };
+        let head = manifest.layers.last().map(|l| l.id);
         let stale = match ext {
             "tmp" => true,
             "data" | "map" => manifest.layer_pos(id).is_none(),
+            "vlog" => Some(id) != head,
             _ => false,
         };
         if stale {
