@@ -1,13 +1,204 @@
-//! `snapblk serve` (lands with the ublk layer).
+//! `snapblk serve`: serve a volume as a ublk block device until SIGTERM or SIGINT.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use parking_lot::Mutex;
+
+use crate::ctl::server::{default_socket, Access, Limits, Server};
+use crate::ctl::service::{marker_path, DeviceInfo, VolumeService};
+use crate::sys::mountinfo;
+use crate::ublk::{self, ServeOptions, ServingDevice};
 
 /// Arguments of `snapblk serve`.
-#[derive(Debug, clap::Args)]
+///
+/// Adds a ublk device for the volume (the ublk_drv module must be loaded), prints
+/// `serving volume NAME as /dev/ublkbN` on stdout once it is live, and serves until
+/// SIGTERM or SIGINT; then it stops the device, flushes the volume and deletes the
+/// device. The logical block size is the volume's. Zero copy is used when the kernel
+/// offers it (Linux 6.16+), copy mode otherwise. Nothing is created if the volume folder
+/// is missing or damaged.
+///
+/// If the daemon is killed, the device stays (requests wait); `snapblk serve DIR
+/// --recover` starts a new daemon on the same /dev/ublkbN, so a mounted file system
+/// keeps working. If the device is still mounted when the daemon is stopped, the file
+/// system is synced, then gets I/O errors until it is unmounted.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  snapblk serve /var/lib/snapblk/vol1\n  snapblk serve /var/lib/snapblk/vol1 --queues 2 --depth 64\n  snapblk serve /var/lib/snapblk/vol1 --recover          # after the daemon was killed\n  snapblk serve /var/lib/snapblk/vol1 --recover --id 3\n\nLogs go to stderr; set RUST_LOG=debug for more."
+)]
 pub struct ServeArgs {
-    /// The volume's folder.
-    pub dir: std::path::PathBuf,
+    /// The volume's folder (made with `snapblk volume create`).
+    pub dir: PathBuf,
+
+    /// Device id N for /dev/ublkbN [default: the driver picks a free one]. With
+    /// --recover: the id of the device to take over [default: found from the json
+    /// libublk keeps under /run/ublksrvd].
+    #[arg(long, value_name = "N")]
+    pub id: Option<u32>,
+
+    /// Hardware queues, one serving thread each [default: number of CPUs, at most 4].
+    #[arg(long, value_name = "N")]
+    pub queues: Option<u16>,
+
+    /// Requests in flight per queue.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub depth: u16,
+
+    /// Take over the device of a daemon that died (killed, crashed) instead of adding
+    /// a new one: same /dev/ublkbN, requests held meanwhile are sent again. Queues,
+    /// depth and data mode are the device's.
+    #[arg(long)]
+    pub recover: bool,
+
+    /// Copy request data through the daemon's memory even if the kernel offers zero
+    /// copy (for comparisons).
+    #[arg(long)]
+    pub copy: bool,
+
+    /// Control socket for snapshots, status and freezing (mode 0600)
+    /// [default: /run/snapblk/<volume name>.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Also let this uid use the control socket (root always may). Repeatable.
+    #[arg(long, value_name = "UID")]
+    pub allow_uid: Vec<u32>,
+
+    /// Also let peers whose primary gid is this use the control socket. Repeatable.
+    #[arg(long, value_name = "GID")]
+    pub allow_gid: Vec<u32>,
 }
 
-/// Serves a volume.
-pub fn run(_args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("serving is not available in this build")
+impl ServeArgs {
+    /// The layer's options, with defaults filled in.
+    pub fn options(&self) -> ServeOptions {
+        ServeOptions {
+            volume_dir: self.dir.clone(),
+            dev_id: self.id,
+            queues: self.queues.unwrap_or_else(ublk::default_queues),
+            depth: self.depth,
+            recover: self.recover,
+            force_copy: self.copy,
+        }
+    }
+}
+
+/// The line printed once the device is live (scripts wait for it).
+pub fn ready_line(dev: &ServingDevice) -> String {
+    format!("serving volume {} as {}", dev.volume, dev.bdev_path)
+}
+
+/// Serves a volume; returns when the device has been removed.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let opts = args.options();
+    let control: Arc<Mutex<Option<Server>>> = Arc::default();
+    let slot = control.clone();
+    let socket = args.socket.clone();
+    let access = Access {
+        uids: args.allow_uid.clone(),
+        gids: args.allow_gid.clone(),
+    };
+    let result = ublk::serve(&opts, move |dev, volume| {
+        // The control socket comes up with the device; without it the device still
+        // serves, but snapshots need it, so say so loudly.
+        let path = socket.unwrap_or_else(|| default_socket(&dev.volume));
+        match start_control(dev, volume, &path, access) {
+            Ok(server) => *slot.lock() = Some(server),
+            Err(e) => {
+                tracing::error!(socket = %path.display(), error = %e, "control socket not started: snapshots through the daemon are unavailable")
+            }
+        }
+        let mut out = std::io::stdout().lock();
+        // A closed stdout must not stop the device: the line is informative.
+        let _ = writeln!(out, "{}", ready_line(dev));
+        let _ = out.flush();
+    });
+    // The socket goes away with the device.
+    drop(control.lock().take());
+    result?;
+    Ok(())
+}
+
+fn start_control(
+    dev: &ServingDevice,
+    volume: &crate::engine::Volume,
+    path: &std::path::Path,
+    access: Access,
+) -> Result<Server, crate::ctl::protocol::CtlError> {
+    let (major, minor) =
+        mountinfo::device_number(std::path::Path::new(&dev.bdev_path)).unwrap_or((0, 0));
+    let device = DeviceInfo {
+        path: dev.bdev_path.clone(),
+        major,
+        minor,
+        mode: dev.mode.name().to_string(),
+    };
+    let watchdog = std::env::current_exe().ok();
+    let service = VolumeService::new(
+        volume.clone(),
+        Some(device),
+        watchdog,
+        Some(marker_path(path)),
+    );
+    Server::start(path, access, Limits::default(), Arc::new(service))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    #[test]
+    fn defaults() {
+        let w = Wrap::try_parse_from(["x", "/vols/a"]).expect("parse");
+        let o = w.args.options();
+        assert_eq!(o.volume_dir, PathBuf::from("/vols/a"));
+        assert_eq!(o.dev_id, None);
+        assert_eq!(o.depth, 128);
+        assert!((1..=4).contains(&o.queues));
+        assert!(!o.recover && !o.force_copy);
+    }
+
+    #[test]
+    fn all_options() {
+        let w = Wrap::try_parse_from([
+            "x",
+            "/vols/a",
+            "--id",
+            "3",
+            "--queues",
+            "2",
+            "--depth",
+            "64",
+            "--recover",
+            "--copy",
+        ])
+        .expect("parse");
+        let o = w.args.options();
+        assert_eq!(o.dev_id, Some(3));
+        assert_eq!(o.queues, 2);
+        assert_eq!(o.depth, 64);
+        assert!(o.recover && o.force_copy);
+    }
+
+    #[test]
+    fn ready_line_format() {
+        let d = ServingDevice {
+            dev_id: 0,
+            bdev_path: "/dev/ublkb0".into(),
+            volume: "vol1".into(),
+            mode: ublk::DataMode::Copy,
+            recovered: false,
+        };
+        assert_eq!(ready_line(&d), "serving volume vol1 as /dev/ublkb0");
+    }
 }

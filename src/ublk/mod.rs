@@ -1,1 +1,24 @@
-//! The ublk block device layer (lands in the next commit).
+//! The ublk layer: serves a volume as a Linux ublk block device (/dev/ublkbN) through
+//! libublk, turning each request into engine calls and io_uring operations on the
+//! queue's own ring. It knows nothing of the snapshot format.
+//!
+//! - [`device`]: add or recover the device, serve until SIGTERM/SIGINT, stop and delete.
+//! - [`queue`] / [`io`]: one thread per queue, one task per tag, one request at a time.
+//! - [`worker`]: blocking engine calls (flush, discard, write zeroes) off the queues.
+//! - [`features`]: zero copy (`UBLK_F_AUTO_BUF_REG`, 6.16+) or copy mode.
+
+pub mod device;
+pub mod error;
+pub mod executor;
+pub mod features;
+pub mod io;
+pub mod mounts;
+pub mod params;
+pub mod queue;
+pub mod recover;
+pub mod signals;
+pub mod worker;
+
+pub use device::{default_queues, serve, ServeOptions, ServingDevice, CONTROL_PATH};
+pub use error::{Result, UblkLayerError};
+pub use features::DataMode;

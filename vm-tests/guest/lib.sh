@@ -54,3 +54,36 @@ load_ublk() {
     modprobe_mod ublk_drv || fail "cannot load ublk_drv"
     wait_for_file /dev/ublk-control 10 || fail "/dev/ublk-control did not appear"
 }
+
+# Daemon helpers shared by the snapblk tests.
+
+# start_serve VOLDIR NAME [ARGS...]: starts the daemon, waits for its ready line;
+# sets SERVE_PID and DEV. Logs go to $RESULTS/NAME.log.
+start_serve() {
+    local vol="$1" name="$2" deadline
+    shift 2
+    "$SNAPBLK" serve "$vol" "$@" >"$RESULTS/$name.out" 2>"$RESULTS/$name.log" &
+    SERVE_PID=$!
+    deadline=$(($(date +%s) + 60))
+    until grep -q '^serving volume ' "$RESULTS/$name.out" 2>/dev/null; do
+        if ! kill -0 "$SERVE_PID" 2>/dev/null; then
+            tail -20 "$RESULTS/$name.log" >&2
+            fail "serve exited before its device was live"
+        fi
+        [ "$(date +%s)" -lt "$deadline" ] || fail "no ready line from serve after 60s"
+        sleep 0.1
+    done
+    DEV="$(sed -n 's|^serving volume .* as \(/dev/ublkb[0-9]*\)$|\1|p' "$RESULTS/$name.out" | tail -n 1)"
+    [ -n "$DEV" ] || fail "cannot parse the ready line: $(cat "$RESULTS/$name.out")"
+    wait_for_file "$DEV" 10 || fail "$DEV did not appear"
+}
+
+# stop_serve: SIGTERM the daemon, require exit status 0 and the device gone.
+stop_serve() {
+    local rc=0
+    kill -TERM "$SERVE_PID"
+    wait "$SERVE_PID" || rc=$?
+    [ "$rc" = 0 ] || fail "serve exited with status $rc after SIGTERM"
+    for _ in $(seq 50); do [ -e "$DEV" ] || break; sleep 0.1; done
+    [ ! -e "$DEV" ] || fail "$DEV still exists after the daemon stopped"
+}

@@ -1,0 +1,33 @@
+//! Where the served device is mounted, to warn (and sync) before stopping it.
+
+use std::path::Path;
+
+use crate::sys::mountinfo;
+
+/// Where the block device node `path` is mounted in this mount namespace.
+pub fn mount_points(path: &Path) -> Vec<String> {
+    let Some((major, minor)) = mountinfo::device_number(path) else {
+        return Vec::new();
+    };
+    mountinfo::of_device(major, minor)
+        .map(|ms| {
+            ms.into_iter()
+                .map(|m| m.mount_point.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_a_block_device() {
+        assert_eq!(
+            mountinfo::device_number(Path::new("/proc/self/mountinfo")),
+            None
+        );
+        assert!(mount_points(Path::new("/nonexistent/ublkb9")).is_empty());
+    }
+}

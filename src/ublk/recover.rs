@@ -1,0 +1,207 @@
+//! Taking over a device whose daemon died (`--recover`): finding it through libublk's
+//! per-device json, and checking that it waits for a new daemon and fits the volume.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use libublk::ctrl::UblkCtrl;
+use libublk::sys;
+use serde_json::{json, Value};
+use tracing::{debug, info};
+
+use super::error::{Result, UblkLayerError};
+
+/// How long to wait for the driver to notice that the old daemon is gone.
+const QUIESCE_WAIT: Duration = Duration::from_secs(15);
+
+/// Target data stored in libublk's device json: which volume the device serves.
+pub fn target_json(volume_dir: &Path, name: &str) -> Value {
+    json!({ "snapblk": { "volume": volume_dir.to_string_lossy(), "name": name } })
+}
+
+/// The volume folder named by a device json (as written by libublk).
+pub fn volume_of_device_json(dev_json: &Value) -> Option<PathBuf> {
+    dev_json
+        .get("target_data")?
+        .get("snapblk")?
+        .get("volume")?
+        .as_str()
+        .map(PathBuf::from)
+}
+
+/// Reads the json libublk keeps for device `id` under `run_dir`.
+pub fn read_device_json(run_dir: &Path, id: u32) -> Option<Value> {
+    let text = std::fs::read_to_string(run_dir.join(format!("{id:04}.json"))).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Ids of the devices whose json under `run_dir` names `volume_dir`, ascending.
+pub fn find_devices_for_volume(run_dir: &Path, volume_dir: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return Vec::new();
+    };
+    let mut ids: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let id: u32 = name.to_str()?.strip_suffix(".json")?.parse().ok()?;
+            let v = read_device_json(run_dir, id)?;
+            (volume_of_device_json(&v)? == volume_dir).then_some(id)
+        })
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// The folder where libublk keeps device json files.
+pub fn run_dir() -> PathBuf {
+    PathBuf::from(UblkCtrl::run_dir())
+}
+
+/// Picks the device to recover for `volume_dir`: `requested`, or the one libublk's
+/// json names. Refuses a requested device whose json names another volume.
+pub fn choose_device(volume_dir: &Path, requested: Option<u32>) -> Result<u32> {
+    let dir = run_dir();
+    if let Some(id) = requested {
+        if let Some(other) = read_device_json(&dir, id).and_then(|v| volume_of_device_json(&v)) {
+            if other != volume_dir {
+                return Err(UblkLayerError::Recover(format!(
+                    "device {id} serves volume {}, not {}",
+                    other.display(),
+                    volume_dir.display()
+                )));
+            }
+        }
+        return Ok(id);
+    }
+    match find_devices_for_volume(&dir, volume_dir).as_slice() {
+        [] => Err(UblkLayerError::Recover(format!(
+            "no ublk device for volume {} is recorded under {}; pass --id N",
+            volume_dir.display(),
+            dir.display()
+        ))),
+        [id] => Ok(*id),
+        many => Err(UblkLayerError::Recover(format!(
+            "several devices ({many:?}) are recorded for volume {}; pass --id N",
+            volume_dir.display()
+        ))),
+    }
+}
+
+/// Whether process `pid` exists.
+fn process_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks for the process.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Waits until device `id` has lost its daemon (QUIESCED, or FAIL_IO) and checks it
+/// was created for recovery and matches the volume's geometry. Returns its info.
+pub fn wait_recoverable(id: u32, size: u64, block_size: u32) -> Result<sys::ublksrv_ctrl_dev_info> {
+    let id_i32 = i32::try_from(id)
+        .map_err(|_| UblkLayerError::InvalidOption(format!("device id {id} is too large")))?;
+    let ctrl = UblkCtrl::new_simple(id_i32).map_err(|e| {
+        UblkLayerError::Recover(format!(
+            "device {id} does not exist ({})",
+            super::error::describe_ublk_error(&e)
+        ))
+    })?;
+    let deadline = Instant::now() + QUIESCE_WAIT;
+    let info = loop {
+        ctrl.read_dev_info()
+            .map_err(|e| UblkLayerError::ublk("read device info", e))?;
+        let info = ctrl.dev_info();
+        let state = u32::from(info.state);
+        if state == sys::UBLK_S_DEV_QUIESCED || state == sys::UBLK_S_DEV_FAIL_IO {
+            break info;
+        }
+        if state == sys::UBLK_S_DEV_DEAD {
+            return Err(UblkLayerError::Recover(format!(
+                "device {id} is stopped, not waiting for a new daemon"
+            )));
+        }
+        if process_alive(info.ublksrv_pid) && info.ublksrv_pid != std::process::id() as i32 {
+            return Err(UblkLayerError::Recover(format!(
+                "device {id} is live, served by process {}",
+                info.ublksrv_pid
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(UblkLayerError::Recover(format!(
+                "device {id} is still live {}s after its daemon died",
+                QUIESCE_WAIT.as_secs()
+            )));
+        }
+        debug!(state, "waiting for the driver to quiesce the device");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if info.flags & u64::from(sys::UBLK_F_USER_RECOVERY) == 0 {
+        return Err(UblkLayerError::Recover(format!(
+            "device {id} was not created with UBLK_F_USER_RECOVERY"
+        )));
+    }
+    let mut p = sys::ublk_params {
+        len: std::mem::size_of::<sys::ublk_params>() as u32,
+        types: sys::UBLK_PARAM_TYPE_BASIC,
+        ..Default::default()
+    };
+    ctrl.get_params(&mut p)
+        .map_err(|e| UblkLayerError::ublk("get device parameters", e))?;
+    let want_sectors = size >> 9;
+    let want_shift = block_size.trailing_zeros();
+    if p.basic.dev_sectors != want_sectors || u32::from(p.basic.logical_bs_shift) != want_shift {
+        return Err(UblkLayerError::Recover(format!(
+            "device {id} has {} sectors of {} bytes, the volume {} bytes in blocks of {block_size}",
+            p.basic.dev_sectors,
+            1u64 << p.basic.logical_bs_shift.min(63),
+            size
+        )));
+    }
+    info!(
+        queues = info.nr_hw_queues,
+        depth = info.queue_depth,
+        flags = format_args!("{:#x}", info.flags),
+        "device is waiting for a new daemon"
+    );
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_json(dir: &Path, id: u32, v: &Value) {
+        std::fs::write(dir.join(format!("{id:04}.json")), v.to_string()).expect("write");
+    }
+
+    #[test]
+    fn finds_devices_by_volume() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let a = Path::new("/vols/a");
+        let b = Path::new("/vols/b");
+        write_json(
+            tmp.path(),
+            0,
+            &json!({"dev_info": {}, "target_data": target_json(a, "a")}),
+        );
+        write_json(tmp.path(), 3, &json!({"target_data": target_json(b, "b")}));
+        write_json(tmp.path(), 12, &json!({"target_data": target_json(a, "a")}));
+        write_json(tmp.path(), 5, &json!({"target_data": {"loop": {}}}));
+        std::fs::write(tmp.path().join("junk.json"), "{").expect("write");
+        std::fs::write(tmp.path().join("0007.json"), "not json").expect("write");
+        assert_eq!(find_devices_for_volume(tmp.path(), a), vec![0, 12]);
+        assert_eq!(find_devices_for_volume(tmp.path(), b), vec![3]);
+        assert!(find_devices_for_volume(tmp.path(), Path::new("/vols/c")).is_empty());
+        assert!(find_devices_for_volume(Path::new("/nonexistent/run"), a).is_empty());
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let v = json!({"target_data": target_json(Path::new("/x/y z"), "y z")});
+        assert_eq!(volume_of_device_json(&v), Some(PathBuf::from("/x/y z")));
+        assert_eq!(volume_of_device_json(&json!({})), None);
+    }
+}

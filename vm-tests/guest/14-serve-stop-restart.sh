@@ -1,0 +1,88 @@
+#!/bin/bash
+# Clean stop: SIGTERM (and SIGINT) while idle make the daemon exit 0 and remove the
+# device (node, sysfs entry, libublk json); a second `serve` (with --id) sees all the
+# data written before, including buffered writes never explicitly synced. SIGTERM with
+# an ext4 still mounted must not hang either (libublk-rs issue 50): the kernel syncs
+# the file system, the daemon exits, and the device is freed once it is unmounted.
+# timeout: 600
+set -euo pipefail
+. "$GUEST_LIB"
+
+need_cmd cmp mkfs.ext4 sha256sum
+load_ublk
+modprobe_mod ext4 || fail "cannot load ext4"
+
+# stop_with SIGNAL: stop the daemon, require exit 0 within 30 s and every trace of
+# the device gone.
+stop_with() {
+    local sig="$1" rc=0 id="${DEV#/dev/ublkb}" start
+    start=$(date +%s)
+    kill "-$sig" "$SERVE_PID"
+    for _ in $(seq 300); do kill -0 "$SERVE_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$SERVE_PID" 2>/dev/null && fail "serve still running 30s after SIG$sig"
+    wait "$SERVE_PID" || rc=$?
+    [ "$rc" = 0 ] || fail "serve exited with status $rc after SIG$sig"
+    for _ in $(seq 50); do [ -e "$DEV" ] || break; sleep 0.1; done
+    [ ! -e "$DEV" ] || fail "$DEV still exists after SIG$sig"
+    [ ! -e "/sys/class/ublk-char/ublkc$id" ] || fail "ublkc$id still registered after SIG$sig"
+    [ ! -e "/run/ublksrvd/$(printf %04d "$id").json" ] || fail "libublk json of device $id left behind"
+    info "SIG$sig: daemon exited 0 in $(($(date +%s) - start))s, device $id removed"
+}
+
+MIB=$((1 << 20))
+"$SNAPBLK" volume create "$WORK/vol" --size 64M
+head -c $((64 * MIB)) /dev/urandom >"$WORK/pattern"
+
+start_serve "$WORK/vol" serve-1
+# Direct writes for the first half, buffered ones (no sync: closing the device
+# writes them back) for the second half.
+dd if="$WORK/pattern" of="$DEV" bs=1M count=32 oflag=direct status=none
+dd if="$WORK/pattern" of="$DEV" bs=1M skip=32 seek=32 count=32 status=none
+sleep 1
+stop_with TERM
+
+start_serve "$WORK/vol" serve-2 --id 5
+[ "$DEV" = /dev/ublkb5 ] || fail "--id 5 gave $DEV"
+cmp "$DEV" "$WORK/pattern" || fail "the second daemon does not see the data written before"
+info "all 64 MiB read back through a new daemon"
+# Overwrite a part and stop with SIGINT this time.
+dd if=/dev/zero of="$DEV" bs=1M seek=10 count=4 oflag=direct status=none
+stop_with INT
+
+start_serve "$WORK/vol" serve-3
+dd if=/dev/zero of="$WORK/pattern" bs=1M seek=10 count=4 conv=notrunc status=none
+cmp "$DEV" "$WORK/pattern" || fail "data differs after the SIGINT stop"
+info "data intact after SIGINT"
+stop_with TERM
+
+# SIGTERM with a mounted file system.
+start_serve "$WORK/vol" serve-4
+id="${DEV#/dev/ublkb}"
+mkfs.ext4 -q -F "$DEV"
+mkdir -p "$WORK/mnt"
+mount -t ext4 "$DEV" "$WORK/mnt"
+head -c $((4 * MIB)) /dev/urandom >"$WORK/mnt/synced"
+sync
+head -c $((4 * MIB)) /dev/urandom >"$WORK/mnt/unsynced"
+(cd "$WORK/mnt" && sha256sum synced unsynced) >"$WORK/sums"
+start=$(date +%s)
+kill -TERM "$SERVE_PID"
+for _ in $(seq 300); do kill -0 "$SERVE_PID" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$SERVE_PID" 2>/dev/null && fail "serve hangs after SIGTERM with a mounted file system"
+rc=0
+wait "$SERVE_PID" || rc=$?
+[ "$rc" = 0 ] || fail "serve exited with status $rc after SIGTERM with a mounted file system"
+grep -q 'still mounted' "$RESULTS/serve-4.log" || fail "no warning about the mounted file system"
+info "SIGTERM with ext4 mounted: daemon exited 0 in $(($(date +%s) - start))s"
+umount "$WORK/mnt" || fail "cannot unmount the file system of the stopped device"
+for _ in $(seq 50); do [ -e "/sys/class/ublk-char/ublkc$id" ] || break; sleep 0.1; done
+[ ! -e "/sys/class/ublk-char/ublkc$id" ] || fail "device $id still registered after umount"
+info "device $id freed after umount"
+
+start_serve "$WORK/vol" serve-5
+mount -t ext4 "$DEV" "$WORK/mnt"
+(cd "$WORK/mnt" && sha256sum -c --quiet "$WORK/sums") || fail "files written before the stop differ"
+umount "$WORK/mnt"
+e2fsck -fn "$DEV" >"$RESULTS/fsck.txt" 2>&1 || fail "e2fsck found problems after a stop while mounted"
+info "files written before the stop (even unsynced) are intact, e2fsck clean"
+stop_with TERM

@@ -1,0 +1,106 @@
+#!/bin/bash
+# Application-consistent snapshots through the control socket: with ext4 mounted and a
+# writer running, snapshots freeze the file system for the cut and report how long; a
+# file system frozen by someone else is refused; the daemon killed while holding a freeze
+# gets thawed by the watchdog (ext4's thaw writes its superblock, so it completes once
+# the restarted daemon serves the device again) within the deadline plus a second, and
+# the restarted daemon lists the same snapshots; a snapshot cloned into a new volume
+# mounts without journal recovery, passes e2fsck, and holds the files checksummed before it.
+# timeout: 900
+set -euo pipefail
+. "$GUEST_LIB"
+
+need_cmd mkfs.ext4 e2fsck fsfreeze sha256sum python3
+load_ublk
+modprobe_mod ext4 || fail "cannot load ext4"
+
+MNT="$WORK/mnt"
+SOCK="$WORK/vol.sock"
+WRITER_PID=""
+cleanup() {
+    [ -n "$WRITER_PID" ] && kill "$WRITER_PID" 2>/dev/null || true
+    fsfreeze -u "$MNT" 2>/dev/null || true
+    umount "$MNT" 2>/dev/null || true
+    umount "$WORK/cmnt" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+
+"$SNAPBLK" volume create "$WORK/vol" --size 256M
+start_serve "$WORK/vol" serve-1 --socket "$SOCK"
+mkfs.ext4 -q -F "$DEV"
+mkdir -p "$MNT"
+mount "$DEV" "$MNT"
+for i in $(seq 1 8); do head -c 512K /dev/urandom >"$MNT/before-$i"; done
+sync
+( cd "$MNT" && sha256sum before-* ) >"$WORK/sums-before"
+
+info "snapshot without load"
+"$SNAPBLK" snapshot create s0 -V vol --socket "$SOCK" -o json >"$WORK/s0.json"
+[ "$(json "d['created']" <"$WORK/s0.json")" = True ] || fail "s0 not created: $(cat "$WORK/s0.json")"
+json "d['consistency']" <"$WORK/s0.json" | grep -q '^application-consistent' || fail "s0 not frozen: $(cat "$WORK/s0.json")"
+json "d['frozen_mounts'][0]" <"$WORK/s0.json" | grep -qx "$MNT" || fail "s0 froze the wrong mount"
+"$SNAPBLK" snapshot create s0 -V vol --socket "$SOCK" -o json | json "d['created']" | grep -qx False || fail "same name twice is not idempotent"
+
+info "20 snapshots under a continuous writer"
+( i=0; while :; do i=$((i + 1)); head -c 64K /dev/urandom >"$MNT/load-$((i % 200))"; done ) &
+WRITER_PID=$!
+: >"$WORK/frozen_ms"
+for n in $(seq 1 20); do
+    "$SNAPBLK" snapshot create "load-$n" -V vol --socket "$SOCK" -o json >"$WORK/load.json" ||
+        fail "snapshot load-$n failed: $(cat "$WORK/load.json")"
+    json "'%.3f %.3f' % (d['frozen_ms'], d['cut_ms'])" <"$WORK/load.json" >>"$WORK/frozen_ms"
+    touch "$MNT/writable-$n" || fail "file system not writable after snapshot load-$n"
+done
+kill "$WRITER_PID"; wait "$WRITER_PID" 2>/dev/null || true; WRITER_PID=""
+sort -n "$WORK/frozen_ms" | awk '{f[NR]=$1; c[NR]=$2} END {printf "frozen ms: median %.2f max %.2f; cut ms: median %.2f\n", f[int((NR+1)/2)], f[NR], c[int((NR+1)/2)]}' | tee "$RESULTS/freeze-figures.txt"
+
+info "refusals"
+fsfreeze -f "$MNT"
+if out=$("$SNAPBLK" snapshot create refused -V vol --socket "$SOCK" 2>&1); then
+    fsfreeze -u "$MNT"; fail "a snapshot was taken of a file system frozen by someone else"
+fi
+fsfreeze -u "$MNT"
+echo "$out" | grep -q "already frozen by someone else" || fail "unclear refusal: $out"
+out=$("$SNAPBLK" snapshot create "bad/name" -V vol --socket "$SOCK" 2>&1) && fail "bad name accepted"
+echo "$out" | grep -q "snapshot name" || fail "unclear refusal: $out"
+out=$("$SNAPBLK" snapshot create other -V vol --socket "$SOCK" --mount /proc 2>&1) && fail "foreign mount accepted"
+echo "$out" | grep -q "not mounted from this volume" || fail "unclear refusal: $out"
+"$SNAPBLK" snapshot create crash-only -V vol --socket "$SOCK" --freeze none | grep -q "crash-consistent" ||
+    fail "--freeze none did not say crash-consistent"
+
+info "kill -9 while the file system is frozen"
+mkfifo "$WORK/hold"
+"$SNAPBLK" freeze -V vol --socket "$SOCK" --timeout 20s <"$WORK/hold" 2>"$WORK/freeze.err" &
+FREEZER=$!
+exec 9>"$WORK/hold"
+for _ in $(seq 100); do grep -q '^frozen' "$WORK/freeze.err" && break; sleep 0.1; done
+grep -q '^frozen' "$WORK/freeze.err" || fail "freeze did not happen: $(cat "$WORK/freeze.err")"
+"$SNAPBLK" status -V vol --socket "$SOCK" -o json | json "d['frozen'][0]" | grep -qx "$MNT" || fail "status does not show the freeze"
+kill -9 "$SERVE_PID"
+start=$(date +%s%N)
+wait "$SERVE_PID" 2>/dev/null || true
+start_serve "$WORK/vol" serve-2 --recover --socket "$SOCK"
+timeout 21 touch "$MNT/after-kill" || fail "file system still frozen 21 s after the daemon died"
+thaw_ms=$(( ($(date +%s%N) - start) / 1000000 ))
+info "file system writable ${thaw_ms} ms after kill -9 (daemon restarted with --recover meanwhile)"
+[ "$thaw_ms" -le 21000 ] || fail "thawed after ${thaw_ms} ms, past the deadline plus a second"
+exec 9>&-
+wait "$FREEZER" 2>/dev/null || true
+"$SNAPBLK" snapshot list -V vol --socket "$SOCK" -o json | json "len(d)" | grep -qx 22 || fail "restarted daemon lists $("$SNAPBLK" snapshot list -V vol --socket "$SOCK")"
+echo "$thaw_ms" >"$RESULTS/thaw-after-kill-ms.txt"
+
+info "the first snapshot, cloned, is a clean file system with the files"
+sync
+umount "$MNT"
+stop_serve
+"$SNAPBLK" volume clone "$WORK/vol" s0 "$WORK/clone"
+start_serve "$WORK/clone" serve-clone --socket "$WORK/clone.sock"
+e2fsck -fn "$DEV" >"$RESULTS/e2fsck.txt" 2>&1 || fail "e2fsck of snapshot s0: $(tail -5 "$RESULTS/e2fsck.txt")"
+mkdir -p "$WORK/cmnt"
+mount -o ro,noload "$DEV" "$WORK/cmnt"
+( cd "$WORK/cmnt" && sha256sum -c --quiet "$WORK/sums-before" ) || fail "files of snapshot s0 differ"
+umount "$WORK/cmnt"
+stop_serve
+info "ok"
