@@ -200,12 +200,13 @@ impl FreezeGuard {
         Instant::now() >= self.deadline
     }
 
-    /// Thaws everything now; errors are logged and returned for the first mount.
-    pub fn thaw(mut self) -> Result<(), CtlError> {
+    /// Thaws everything now and returns when the last file system was thawed (before the
+    /// watchdog is reaped); errors are logged and returned for the first mount.
+    pub fn thaw(mut self) -> Result<Instant, CtlError> {
         self.release()
     }
 
-    fn release(&mut self) -> Result<(), CtlError> {
+    fn release(&mut self) -> Result<Instant, CtlError> {
         let mut first = Ok(());
         for m in self.mounts.drain(..) {
             if let Err(e) = thaw(&m) {
@@ -215,6 +216,7 @@ impl FreezeGuard {
                 }
             }
         }
+        let thawed_at = Instant::now();
         if let Some((mut child, mut stdin)) = self.watchdog.take() {
             // Tell the watchdog we are done, then reap it.
             let _ = stdin.write_all(b"done\n");
@@ -224,7 +226,7 @@ impl FreezeGuard {
         if let Some(m) = self.marker.take() {
             let _ = std::fs::remove_file(m);
         }
-        first
+        first.map(|()| thawed_at)
     }
 }
 

@@ -142,21 +142,15 @@ impl VolumeService {
             (FreezeMode::Auto, None) => vec![],
         };
         let t0 = Instant::now();
-        let guard = FreezeGuard::freeze(
-            mounts,
-            timeout,
-            self.watchdog.as_deref(),
-            self.marker.clone(),
-        )?;
+        let guard = self.freeze(mounts, timeout)?;
         let frozen_at = Instant::now();
         let cut = self.volume.create_snapshot(&a.name);
         let expired = guard.expired();
         let frozen: Vec<PathBuf> = guard.mounts().to_vec();
         let thawed = guard.thaw();
-        let frozen_for = if frozen.is_empty() {
-            Duration::ZERO
-        } else {
-            frozen_at.elapsed()
+        let frozen_for = match &thawed {
+            Ok(at) if !frozen.is_empty() => at.duration_since(frozen_at),
+            _ => Duration::ZERO,
         };
         let report = cut.map_err(engine_error)?;
         if expired {
@@ -186,6 +180,16 @@ impl VolumeService {
         }))
     }
 
+    /// Freezes `mounts` with this service's watchdog and marker.
+    fn freeze(&self, mounts: Vec<PathBuf>, timeout: Duration) -> Result<FreezeGuard, CtlError> {
+        FreezeGuard::freeze(
+            mounts,
+            timeout,
+            self.watchdog.as_deref(),
+            self.marker.clone(),
+        )
+    }
+
     fn manual_freeze(&self, conn: u64, a: FreezeArgs) -> Result<Value, CtlError> {
         let timeout = freeze_timeout(a.timeout_ms)?;
         let dev = self.device_number().ok_or_else(|| {
@@ -205,12 +209,7 @@ impl VolumeService {
                 "no file system is mounted from this volume's device",
             ));
         }
-        let guard = FreezeGuard::freeze(
-            mounts,
-            timeout,
-            self.watchdog.as_deref(),
-            self.marker.clone(),
-        )?;
+        let guard = self.freeze(mounts, timeout)?;
         let frozen = guard.mounts().to_vec();
         *manual = Some((conn, guard));
         Ok(json!({ "frozen": frozen, "timeout_ms": timeout.as_millis() as u64 }))
