@@ -277,27 +277,37 @@ fn bench_snapshot(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn bench_memory(dir: &Path) -> Result<(), String> {
-    // Memory of the maps: the writes' data is not stored (it plays no part in the maps),
-    // each write only reserves and completes its blocks.
-    let vdir = dir.join("map-memory");
-    let _ = fs::remove_dir_all(&vdir);
-    let vol = Volume::create(
-        &vdir,
+/// A fresh 1 TiB volume for measuring its maps.
+fn map_volume(vdir: &Path) -> Result<Volume, String> {
+    let _ = fs::remove_dir_all(vdir);
+    Volume::create(
+        vdir,
         &CreateOptions {
             size: 1 << 40,
             block_size: BS as u32,
         },
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())
+}
+
+/// Records a 4 KiB write of `block` in the maps without storing data.
+fn mark_written(vol: &Volume, block: u64) -> Result<(), String> {
+    vol.begin_write(block * BS, BS)
+        .map_err(|e| e.to_string())?
+        .complete();
+    Ok(())
+}
+
+fn bench_memory(dir: &Path) -> Result<(), String> {
+    // Memory of the maps: the writes' data is not stored (it plays no part in the maps),
+    // each write only reserves and completes its blocks.
+    let vdir = dir.join("map-memory");
+    let vol = map_volume(&vdir)?;
     let rss0 = rss_kib();
     let mut rng = Rng(99);
     let writes = 1_000_000u64;
     for _ in 0..writes {
-        let t = vol
-            .begin_write(rng.block((1 << 40) / BS) * BS, BS)
-            .map_err(|e| e.to_string())?;
-        t.complete();
+        mark_written(&vol, rng.block((1 << 40) / BS))?;
     }
     vol.flush().map_err(|e| e.to_string())?;
     let st = vol.status();
@@ -308,18 +318,9 @@ fn bench_memory(dir: &Path) -> Result<(), String> {
         (rss_kib().saturating_sub(rss0)) as f64 / 1024.0
     );
     drop(vol);
-    let _ = fs::remove_dir_all(&vdir);
-    let vol = Volume::create(
-        &vdir,
-        &CreateOptions {
-            size: 1 << 40,
-            block_size: BS as u32,
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let vol = map_volume(&vdir)?;
     for i in 0..writes {
-        let t = vol.begin_write(i * BS, BS).map_err(|e| e.to_string())?;
-        t.complete();
+        mark_written(&vol, i)?;
     }
     vol.flush().map_err(|e| e.to_string())?;
     println!(
@@ -327,20 +328,11 @@ fn bench_memory(dir: &Path) -> Result<(), String> {
         vol.status().map_bytes
     );
     drop(vol);
-    let _ = fs::remove_dir_all(&vdir);
     // Worst case: every other block of a 16 GiB region written (no runs to compress).
-    let vol = Volume::create(
-        &vdir,
-        &CreateOptions {
-            size: 1 << 40,
-            block_size: BS as u32,
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let vol = map_volume(&vdir)?;
     let region = (16u64 << 30) / BS;
     for b in (0..region).step_by(2) {
-        let t = vol.begin_write(b * BS, BS).map_err(|e| e.to_string())?;
-        t.complete();
+        mark_written(&vol, b)?;
     }
     vol.flush().map_err(|e| e.to_string())?;
     let per_block = vol.status().map_bytes as f64 * 8.0 / region as f64;
