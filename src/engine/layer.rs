@@ -313,10 +313,9 @@ impl Layer {
                 let mut st = self.state.write();
                 if seal {
                     self.sealed.store(true, Ordering::SeqCst);
-                    // Everything is in the sealed map journal: the volatile one is done.
-                    if st.vlog.take().is_some() {
-                        let _ = std::fs::remove_file(vlog::path_for(&self.data_path));
-                    }
+                    // Everything is in the sealed map journal: the volatile one is done. Its
+                    // file is removed off the cut's path (by maintain, or at the next open).
+                    st.vlog = None;
                 } else if let (Some(v), Some(m)) = (&mut st.vlog, mark) {
                     v.covered(m);
                 }

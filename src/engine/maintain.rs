@@ -24,6 +24,7 @@ impl Volume {
     /// Safe to run while the volume serves I/O; one run at a time.
     pub fn maintain(&self) -> Result<()> {
         let _one = self.inner.merge.lock();
+        self.remove_sealed_vlogs();
         loop {
             let (lower, upper, upper_live) = {
                 let meta = self.inner.meta.lock();
@@ -43,6 +44,25 @@ impl Volume {
                 return self.release_covered(&lower, &upper);
             }
             self.merge_into_upper(&lower, &upper)?;
+        }
+    }
+
+    /// Removes the volatile journals of layers sealed since (their changes are in their
+    /// sealed map journals).
+    fn remove_sealed_vlogs(&self) {
+        let stack = self.stack();
+        for l in stack
+            .iter()
+            .filter(|l| l.sealed.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            let p = super::vlog::path_for(&l.data_path);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %p.display(), error = %e, "cannot remove a volatile journal")
+                }
+            }
         }
     }
 
