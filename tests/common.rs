@@ -3,8 +3,15 @@
 
 use std::path::Path;
 
-/// A scratch folder, on tmpfs when the machine has one (these tests fsync a lot).
+/// A scratch folder, on tmpfs when the machine has one (these tests fsync a lot). The
+/// engine's volatile journals go there too, so they are removed with it.
 pub fn scratch() -> tempfile::TempDir {
+    // Volatile journals in each volume's own folder (not /dev/shm), removed with it.
+    std::env::set_var("SNAPBLK_VLOG_DIR", "");
+    scratch_dir()
+}
+
+fn scratch_dir() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {
         if let Ok(d) = tempfile::Builder::new()

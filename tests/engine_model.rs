@@ -253,12 +253,20 @@ impl Harness {
     /// journal, is gone) and reopens it; checks what a power loss may do.
     fn crash(&mut self) -> Result<(), TestCaseError> {
         faults::disarm();
+        let prefix = format!("snapblk-{}-", self.vol().id());
         self.vol = None;
-        let layers = self.dir.join("layers");
-        for e in std::fs::read_dir(&layers).map_err(|e| TestCaseError::fail(e.to_string()))? {
-            let p = e.map_err(|e| TestCaseError::fail(e.to_string()))?.path();
-            if p.extension().is_some_and(|x| x == "vlog") {
-                std::fs::remove_file(&p).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        // scratch() keeps the volatile journals in the layers folder; /dev/shm otherwise.
+        for dir in [PathBuf::from("/dev/shm"), self.dir.join("layers")] {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".vlog") && (dir.ends_with("layers") || name.starts_with(&prefix))
+                {
+                    std::fs::remove_file(e.path())
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                }
             }
         }
         self.vol =

@@ -132,11 +132,18 @@ impl Layer {
     /// durable (sync the layers folder) before anything refers to the layer: the data file's
     /// size and the journal's header become durable with the layer's first flush, and
     /// [`Layer::open_head`] accepts a head whose creation a crash left incomplete.
-    pub fn create_head(dir: &Path, id: u64, size: u64, direct: bool) -> Result<Layer> {
+    pub fn create_head(
+        dir: &Path,
+        id: u64,
+        size: u64,
+        direct: bool,
+        volume_id: &str,
+    ) -> Result<Layer> {
         let dpath = data_path(dir, id);
         let data = open_data(&dpath, direct, Some(size))?;
         let log = MapLog::create(&map_path(dir, id), id)?;
-        let (vlog, _) = VolatileLog::open(&vlog::path_for(&dpath), id)?;
+        let (vlog, _) =
+            VolatileLog::open(&vlog::path_for(volume_id, id, &dir.join(LAYERS_DIR)), id)?;
         let state = LayerState {
             vlog: Some(vlog),
             ..LayerState::default()
@@ -144,8 +151,29 @@ impl Layer {
         Ok(Layer::new(id, data, dpath, state, Some(log), false))
     }
 
+    /// Creates an empty frozen layer with no journals: the target of a merge, whose map
+    /// the caller writes.
+    pub fn create_merge_target(dir: &Path, id: u64, size: u64, direct: bool) -> Result<Layer> {
+        let dpath = data_path(dir, id);
+        let data = open_data(&dpath, direct, Some(size))?;
+        Ok(Layer::new(
+            id,
+            data,
+            dpath,
+            LayerState::default(),
+            None,
+            true,
+        ))
+    }
+
     /// Opens the head layer `id`, replaying its journal.
-    pub fn open_head(dir: &Path, id: u64, size: u64, direct: bool) -> Result<Layer> {
+    pub fn open_head(
+        dir: &Path,
+        id: u64,
+        size: u64,
+        direct: bool,
+        volume_id: &str,
+    ) -> Result<Layer> {
         let dpath = data_path(dir, id);
         let data = open_data(&dpath, direct, None)?;
         let len = data
@@ -162,7 +190,8 @@ impl Layer {
         let (log, replayed) = MapLog::open_head(&map_path(dir, id), id)?;
         let mut map = replayed.map;
         // Changes acknowledged by a daemon that died before flushing them (same boot only).
-        let (vlog, changes) = VolatileLog::open(&vlog::path_for(&dpath), id)?;
+        let (vlog, changes) =
+            VolatileLog::open(&vlog::path_for(volume_id, id, &dir.join(LAYERS_DIR)), id)?;
         let touched = vlog::apply(&mut map, &changes);
         if !changes.is_empty() {
             tracing::info!(

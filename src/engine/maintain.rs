@@ -50,20 +50,19 @@ impl Volume {
     /// Removes the volatile journals of layers sealed since (their changes are in their
     /// sealed map journals).
     fn remove_sealed_vlogs(&self) {
+        let volume_id = self.inner.meta.lock().manifest.volume_id.clone();
         let stack = self.stack();
-        for l in stack
+        let sealed = stack
             .iter()
             .filter(|l| l.sealed.load(std::sync::atomic::Ordering::SeqCst))
-        {
-            let p = super::vlog::path_for(&l.data_path);
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(file = %p.display(), error = %e, "cannot remove a volatile journal")
-                }
-            }
-        }
+            .map(|l| l.id);
+        let head = stack.last().map(|l| l.id).unwrap_or(0);
+        super::vlog::remove_stale(
+            &volume_id,
+            sealed,
+            head,
+            &self.inner.dir.join(layer::LAYERS_DIR),
+        );
     }
 
     /// Frees the blocks of `lower` that the live `upper` covers durably: nothing can read
@@ -130,7 +129,7 @@ impl Volume {
         let target = if upper.is_shared()? {
             // A clone shares the upper layer: build the merged layer in a new file.
             let id = self.inner.meta.lock().take_layer_id();
-            let fresh = Layer::create_head(dir, id, self.inner.size, self.inner.direct)?;
+            let fresh = Layer::create_merge_target(dir, id, self.inner.size, self.inner.direct)?;
             let present = upper.state.read().map.present.clone();
             for (s, e) in runs(&present) {
                 fsutil::copy_range(

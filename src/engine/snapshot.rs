@@ -68,6 +68,7 @@ impl Volume {
             new_id,
             self.inner.size,
             self.inner.direct,
+            &meta.manifest.volume_id,
         )?);
         fsutil::sync_dir(&self.inner.dir.join(layer::LAYERS_DIR))?;
         let old_head = {
@@ -87,6 +88,14 @@ impl Volume {
         };
         self.commit_stack(&mut meta, Some(entry.clone()))?;
         let total = t0.elapsed();
+        // The sealed head's volatile journal is covered by its sealed map journal now.
+        let layers_dir = self.inner.dir.join(layer::LAYERS_DIR);
+        let _ = std::fs::remove_file(super::vlog::path_for(
+            &meta.manifest.volume_id,
+            old_head.id,
+            &layers_dir,
+        ));
+        drop(meta);
         tracing::info!(
             volume = %self.inner.name,
             snapshot = name,

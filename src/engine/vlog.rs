@@ -83,9 +83,56 @@ fn boot_id() -> [u8; 16] {
     id
 }
 
-/// Path of layer `id`'s volatile journal, beside its data file.
-pub fn path_for(data_path: &Path) -> PathBuf {
-    data_path.with_extension("vlog")
+/// Where the volatile journals live: tmpfs, which holds only page cache (so the journal
+/// costs no disk I/O and never slows the fsyncs of a cut) and is emptied by a reboot.
+const SHM: &str = "/dev/shm";
+/// Overrides [`SHM`]; empty keeps the journals in each volume's layers folder (tests use
+/// that, so the journals go away with their scratch folders).
+pub const DIR_ENV: &str = "SNAPBLK_VLOG_DIR";
+
+fn shm_dir() -> Option<PathBuf> {
+    match std::env::var_os(DIR_ENV) {
+        Some(d) if d.is_empty() => None,
+        Some(d) => Some(PathBuf::from(d)),
+        None => Path::new(SHM).is_dir().then(|| PathBuf::from(SHM)),
+    }
+}
+
+/// Path of the volatile journal of layer `layer_id` of volume `volume_id`: in /dev/shm
+/// (or `$SNAPBLK_VLOG_DIR`) where there is one, else in the volume's layers folder.
+pub fn path_for(volume_id: &str, layer_id: u64, fallback_dir: &Path) -> PathBuf {
+    match shm_dir() {
+        Some(d) => d.join(format!("snapblk-{volume_id}-{layer_id}.vlog")),
+        None => fallback_dir.join(format!("{layer_id}.vlog")),
+    }
+}
+
+/// Removes the volatile journals of volume `volume_id`'s layers `ids` except the head's,
+/// and any journal in the layers folder but the head's (left by sealed heads, or by an
+/// older layout).
+pub fn remove_stale(volume_id: &str, ids: impl Iterator<Item = u64>, head: u64, layers_dir: &Path) {
+    let keep = path_for(volume_id, head, layers_dir);
+    let mut stale: Vec<PathBuf> = ids
+        .filter(|&id| id != head)
+        .map(|id| path_for(volume_id, id, layers_dir))
+        .collect();
+    if let Ok(entries) = std::fs::read_dir(layers_dir) {
+        stale.extend(
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "vlog") && *p != keep),
+        );
+    }
+    for p in stale {
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %p.display(), error = %e, "cannot remove a stale volatile journal")
+            }
+        }
+    }
 }
 
 impl VolatileLog {

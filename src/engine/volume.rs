@@ -234,7 +234,13 @@ impl Volume {
         let top = manifest.layers.len() - 1;
         for (i, entry) in manifest.layers.iter().enumerate() {
             let l = if i == top {
-                Layer::open_head(dir, entry.id, manifest.size, opts.direct)?
+                Layer::open_head(
+                    dir,
+                    entry.id,
+                    manifest.size,
+                    opts.direct,
+                    &manifest.volume_id,
+                )?
             } else {
                 Layer::open_frozen(dir, entry.id, manifest.size, opts.direct)?
             };
@@ -451,7 +457,7 @@ pub(crate) fn write_new_volume(dir: &Path, manifest: &Manifest) -> Result<()> {
         .layers
         .last()
         .ok_or_else(|| EngineError::Invalid("a volume needs a head layer".into()))?;
-    Layer::create_head(dir, head.id, manifest.size, false)?;
+    Layer::create_head(dir, head.id, manifest.size, false, &manifest.volume_id)?;
     fsutil::sync_dir(&dir.join(layer::LAYERS_DIR))?;
     manifest.store(dir)?;
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -460,10 +466,20 @@ pub(crate) fn write_new_volume(dir: &Path, manifest: &Manifest) -> Result<()> {
     Ok(())
 }
 
-/// Removes files a crash left behind: temporary files, and layer files of layers that no
-/// manifest names (made by a cut, merge or clone that did not commit). Files that are not
-/// named like layer files are left alone.
+/// Removes files a crash left behind: temporary files, layer files of layers that no
+/// manifest names (made by a cut, merge or clone that did not commit), and volatile
+/// journals of layers that are no longer the head. Files that are not named like layer
+/// files are left alone.
 fn remove_leftovers(dir: &Path, manifest: &Manifest) -> Result<()> {
+    if let Some(head) = manifest.layers.last() {
+        let ids = manifest.layers.iter().map(|l| l.id);
+        super::vlog::remove_stale(
+            &manifest.volume_id,
+            ids,
+            head.id,
+            &dir.join(layer::LAYERS_DIR),
+        );
+    }
     let _ = fs::remove_file(dir.join("volume.tmp"));
     let layers_dir = dir.join(layer::LAYERS_DIR);
     let entries = fs::read_dir(&layers_dir).map_err(|e| EngineError::io(&layers_dir, e))?;
@@ -477,11 +493,9 @@ fn remove_leftovers(dir: &Path, manifest: &Manifest) -> Result<()> {
         let Ok(id) = id.parse::<u64>() else {
             continue;
         };
-        let head = manifest.layers.last().map(|l| l.id);
         let stale = match ext {
             "tmp" => true,
             "data" | "map" => manifest.layer_pos(id).is_none(),
-            "vlog" => Some(id) != head,
             _ => false,
         };
         if stale {
