@@ -17,7 +17,7 @@
 # Exits 1 if a target that should have run failed.
 
 # Functions below are called by name (traps, "${kind}_up"):
-# shellcheck disable=SC2317
+# shellcheck disable=SC2317 source-path=SCRIPTDIR
 set -euo pipefail
 
 # One block, so that bash reads all of it before running any of it.
