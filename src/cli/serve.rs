@@ -7,10 +7,39 @@ use std::sync::Arc;
 use clap::Args;
 use parking_lot::Mutex;
 
+use crate::ctl::protocol::{CtlError, ErrorCode};
 use crate::ctl::server::{default_socket, Access, Limits, Server};
-use crate::ctl::service::{marker_path, DeviceInfo, VolumeService};
+use crate::ctl::service::{marker_path, DeviceInfo, Exposed, SnapshotExposer, VolumeService};
+use crate::engine::{SnapshotView, Volume};
 use crate::sys::mountinfo;
-use crate::ublk::{self, ServeOptions, ServingDevice};
+use crate::ublk::{self, ExposeOptions, ExposedDevice, ServeOptions, ServingDevice};
+
+/// The control socket and its service, once the device is live.
+type ControlSlot = Arc<Mutex<Option<(Server, Arc<VolumeService>)>>>;
+
+/// Snapshot devices made by the ublk layer, for the control service.
+struct UblkExposer {
+    volume: Volume,
+    opts: ExposeOptions,
+}
+
+impl SnapshotExposer for UblkExposer {
+    fn expose(&self, name: &str, view: SnapshotView) -> Result<Box<dyn Exposed>, CtlError> {
+        match ublk::expose(&self.volume, view, name, &self.opts) {
+            Ok(dev) => Ok(Box::new(dev)),
+            Err(e) => Err(CtlError::new(
+                ErrorCode::Io,
+                format!("cannot expose snapshot {name:?}: {e}"),
+            )),
+        }
+    }
+}
+
+impl Exposed for ExposedDevice {
+    fn device(&self) -> &str {
+        self.bdev_path()
+    }
+}
 
 /// Arguments of `snapblk serve`.
 ///
@@ -94,9 +123,10 @@ pub fn ready_line(dev: &ServingDevice) -> String {
 /// Serves a volume; returns when the device has been removed.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let opts = args.options();
-    let control: Arc<Mutex<Option<Server>>> = Arc::default();
+    let control: ControlSlot = Arc::default();
     let slot = control.clone();
     let socket = args.socket.clone();
+    let force_copy = args.copy;
     let access = Access {
         uids: args.allow_uid.clone(),
         gids: args.allow_gid.clone(),
@@ -105,7 +135,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         // The control socket comes up with the device; without it the device still
         // serves, but snapshots need it, so say so loudly.
         let path = socket.unwrap_or_else(|| default_socket(&dev.volume));
-        match start_control(dev, volume, &path, access) {
+        let expose = ExposeOptions {
+            force_copy,
+            ..ExposeOptions::default()
+        };
+        match start_control(dev, volume, &path, access, expose) {
             Ok(server) => *slot.lock() = Some(server),
             Err(e) => {
                 tracing::error!(socket = %path.display(), error = %e, "control socket not started: snapshots through the daemon are unavailable")
@@ -116,18 +150,22 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let _ = writeln!(out, "{}", ready_line(dev));
         let _ = out.flush();
     });
-    // The socket goes away with the device.
-    drop(control.lock().take());
+    // The socket and the snapshot devices go away with the device.
+    if let Some((server, service)) = control.lock().take() {
+        drop(server);
+        service.unexpose_all();
+    }
     result?;
     Ok(())
 }
 
 fn start_control(
     dev: &ServingDevice,
-    volume: &crate::engine::Volume,
+    volume: &Volume,
     path: &std::path::Path,
     access: Access,
-) -> Result<Server, crate::ctl::protocol::CtlError> {
+    expose: ExposeOptions,
+) -> Result<(Server, Arc<VolumeService>), CtlError> {
     let (major, minor) =
         mountinfo::device_number(std::path::Path::new(&dev.bdev_path)).unwrap_or((0, 0));
     let device = DeviceInfo {
@@ -137,13 +175,21 @@ fn start_control(
         mode: dev.mode.name().to_string(),
     };
     let watchdog = std::env::current_exe().ok();
-    let service = VolumeService::new(
-        volume.clone(),
-        Some(device),
-        watchdog,
-        Some(marker_path(path)),
+    let exposer = UblkExposer {
+        volume: volume.clone(),
+        opts: expose,
+    };
+    let service = Arc::new(
+        VolumeService::new(
+            volume.clone(),
+            Some(device),
+            watchdog,
+            Some(marker_path(path)),
+        )
+        .with_exposer(Box::new(exposer)),
     );
-    Server::start(path, access, Limits::default(), Arc::new(service))
+    let server = Server::start(path, access, Limits::default(), service.clone())?;
+    Ok((server, service))
 }
 
 #[cfg(test)]

@@ -35,8 +35,29 @@ pub enum SnapshotCommand {
         #[arg(short = 'o', long = "output", value_enum, default_value_t)]
         format: Format,
     },
-    /// Delete a snapshot and give back the space only it held.
+    /// Delete a snapshot and give back the space only it held. Refused while the
+    /// snapshot is exposed.
     Delete {
+        /// The snapshot's name.
+        name: String,
+        #[command(flatten)]
+        volume: VolumeArg,
+    },
+    /// Serve a snapshot as a read-only block device (/dev/ublkbN) beside the volume's
+    /// own, for a backup tool to read or mount, until `snapshot unexpose`. The volume
+    /// must be served. To mount a file system that is also mounted from the volume, use
+    /// `-o ro` (ext4) or `-o ro,nouuid` (xfs). The device does not survive the daemon.
+    Expose {
+        /// The snapshot's name.
+        name: String,
+        #[command(flatten)]
+        volume: VolumeArg,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Remove a snapshot's read-only device (unmount it first: a mounted file system
+    /// gets I/O errors once the device is gone).
+    Unexpose {
         /// The snapshot's name.
         name: String,
         #[command(flatten)]
@@ -130,6 +151,42 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
             println!("snapshot {name} deleted");
             Ok(())
         }
+        SnapshotCommand::Expose {
+            name,
+            volume,
+            format,
+        } => {
+            let mut c = daemon_for(&volume, "expose a snapshot")?;
+            let r = c.call(Command::SnapshotExpose(NameArgs { name }))?;
+            print(format, &r, |r| {
+                format!(
+                    "snapshot {} exposed read-only as {}",
+                    r["snapshot"].as_str().unwrap_or("?"),
+                    r["device"].as_str().unwrap_or("?")
+                )
+            })
+        }
+        SnapshotCommand::Unexpose { name, volume } => {
+            let mut c = daemon_for(&volume, "unexpose a snapshot")?;
+            let r = c.call(Command::SnapshotUnexpose(NameArgs { name }))?;
+            println!(
+                "snapshot {} unexposed ({} removed)",
+                r["snapshot"].as_str().unwrap_or("?"),
+                r["device"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The daemon serving `volume`; `what` says what needs it, for the error.
+fn daemon_for(volume: &VolumeArg, what: &str) -> anyhow::Result<crate::ctl::client::Client> {
+    match volume.resolve()? {
+        Target::Daemon(c, _) => Ok(c),
+        Target::Folder(_) => anyhow::bail!(
+            "to {what}, the volume must be served: start `snapblk serve` for {} first",
+            volume.volume
+        ),
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -12,10 +12,12 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::size::human;
+use super::target::{Target, VolumeArg};
+use crate::ctl::protocol::ExportArgs as CtlExportArgs;
 use crate::engine::Volume;
 use crate::stream::{
-    export_snapshot, import_streams, sink::OutputFile, ExportSummary, ImportSummary, Progress,
-    StreamInput,
+    export_snapshot, import_streams, relay_stream, sink::OutputFile, ExportSummary, ImportSummary,
+    Progress, StreamInput,
 };
 
 /// Arguments of `snapblk export`.
@@ -23,23 +25,31 @@ use crate::stream::{
 /// Writes snapshot SNAPSHOT of the volume as a stream: every block that holds data, or
 /// with --since only the blocks written or discarded after the base snapshot (discarded
 /// ones as zero extents). The stream is versioned and checksummed (docs/stream-format.md).
-/// The volume must not be served meanwhile (its folder is locked). A progress bar shows
-/// on stderr when it is a terminal; a one-line summary goes to stderr at the end.
+/// A served volume is exported by its daemon (over the control socket, checked on
+/// arrival); one that is not served is read from its folder. A progress bar shows on
+/// stderr when it is a terminal; a one-line summary goes to stderr at the end.
 #[derive(Debug, Args)]
 #[command(after_help = "\
 A full stream holds every block of the snapshot that holds data; with --since, only the
 blocks written or discarded after the base snapshot (discarded ones as zero extents).
-The stream is versioned and checksummed (docs/stream-format.md). The volume must not be
-served meanwhile. A progress bar shows on stderr when it is a terminal; a one-line
-summary goes to stderr at the end (stdout may carry the stream).
+The stream is versioned and checksummed (docs/stream-format.md). A served volume is
+exported by its daemon while it keeps serving (the stream comes over the control socket
+and is checked record by record on arrival; the snapshots it reads cannot be deleted
+meanwhile); a volume that is not served is read from its folder. A progress bar shows
+on stderr when it is a terminal; a one-line summary goes to stderr at the end (stdout
+may carry the stream).
 
 Examples:
   snapblk export /var/lib/snapblk/vol1 monday -o monday.snapblk
+  snapblk export vol1 monday -o monday.snapblk               # served: through its daemon
   snapblk export /var/lib/snapblk/vol1 tuesday --since monday -o tuesday.snapblk
   snapblk export /var/lib/snapblk/vol1 tuesday --since monday -o - | ssh backup 'cat > tuesday.snapblk'")]
 pub struct ExportArgs {
-    /// The volume's folder.
-    pub dir: PathBuf,
+    /// The volume: its folder, or the name of a served volume (its folder's name).
+    pub volume: String,
+    /// The daemon's control socket [default: /run/snapblk/<volume name>.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
     /// The snapshot to export.
     pub snapshot: String,
     /// Export only what changed after this older snapshot (an incremental stream).
@@ -83,25 +93,62 @@ pub fn run_export(a: ExportArgs) -> anyhow::Result<()> {
         bail!("refusing to write a binary stream to a terminal: redirect stdout or use -o FILE");
     }
     let t0 = Instant::now();
-    let volume = Volume::open(&a.dir)?;
+    let target = VolumeArg {
+        volume: a.volume.clone(),
+        socket: a.socket.clone(),
+    };
     let bar = Bar::default();
-    let since = a.since.as_deref();
-    let (mut summary, dest) = if to_stdout {
-        let out = BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
-        let (mut out, summary) = export_snapshot(&volume, &a.snapshot, since, out, "stdout", &bar)?;
-        out.flush().context("stdout")?;
-        (summary, "stdout".to_string())
-    } else {
-        let file = OutputFile::create(&a.output)?;
-        let name = file.name();
-        let (file, summary) = export_snapshot(&volume, &a.snapshot, since, file, &name, &bar)?;
-        file.commit()?;
-        (summary, name)
+    let (mut summary, dest, volume_name) = match target.resolve()? {
+        Target::Daemon(client, sock) => {
+            let (_head, input) = client.export(CtlExportArgs {
+                snapshot: a.snapshot.clone(),
+                since: a.since.clone(),
+            })?;
+            let from = format!("the stream from the daemon at {}", sock.display());
+            let (summary, dest) = to_output(to_stdout, &a.output, |out, name| {
+                Ok(relay_stream(input, out, &from, name, &bar)?.1)
+            })?;
+            (summary, dest, target.name())
+        }
+        Target::Folder(dir) => {
+            let volume = Volume::open(&dir)?;
+            let since = a.since.as_deref();
+            let (summary, dest) = to_output(to_stdout, &a.output, |out, name| {
+                Ok(export_snapshot(&volume, &a.snapshot, since, out, name, &bar)?.1)
+            })?;
+            let name = volume.name().to_string();
+            volume.close()?;
+            (summary, dest, name)
+        }
     };
     // The time the user waited, including the final sync of the file.
     summary.elapsed = t0.elapsed();
-    eprintln!("{}", export_line(&summary, volume.name(), &dest));
-    Ok(volume.close()?)
+    eprintln!("{}", export_line(&summary, &volume_name, &dest));
+    Ok(())
+}
+
+/// Runs `produce` into stdout (`to_stdout`) or into the file `output`, which appears
+/// only once complete; returns what `produce` returned and the output's name.
+fn to_output<P>(
+    to_stdout: bool,
+    output: &Path,
+    produce: P,
+) -> anyhow::Result<(ExportSummary, String)>
+where
+    P: FnOnce(&mut dyn Write, &str) -> anyhow::Result<ExportSummary>,
+{
+    if to_stdout {
+        let mut out = BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+        let summary = produce(&mut out, "stdout")?;
+        out.flush().context("stdout")?;
+        Ok((summary, "stdout".to_string()))
+    } else {
+        let mut file = OutputFile::create(output)?;
+        let name = file.name();
+        let summary = produce(&mut file, &name)?;
+        file.commit()?;
+        Ok((summary, name))
+    }
 }
 
 /// Runs `snapblk import`.

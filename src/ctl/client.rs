@@ -1,13 +1,13 @@
 //! A blocking client of the control socket, for the command line.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use super::protocol::{parse_reply, Command, CtlError, ErrorCode, Request};
+use super::protocol::{parse_reply, Command, CtlError, ErrorCode, ExportArgs, Request};
 
 /// How long the client waits for a reply (a snapshot with a long freeze timeout included).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(330);
@@ -37,6 +37,13 @@ impl Client {
             writer,
             next_id: 1,
         })
+    }
+
+    /// Asks for an export stream: returns the daemon's description of it and the
+    /// connection to read the stream's bytes from (to its end).
+    pub fn export(mut self, args: ExportArgs) -> Result<(Value, impl Read), CtlError> {
+        let head = self.call(Command::Export(args))?;
+        Ok((head, self.reader))
     }
 
     /// Sends `command` and waits for its reply.

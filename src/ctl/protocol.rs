@@ -111,6 +111,15 @@ pub struct NameArgs {
     pub name: String,
 }
 
+/// Arguments of `export`: the snapshot, and for an incremental stream its base.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportArgs {
+    pub snapshot: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
+
 /// Arguments of `freeze` and `thaw`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -130,6 +139,10 @@ pub enum Command {
     SnapshotList,
     SnapshotShow(NameArgs),
     SnapshotDelete(NameArgs),
+    SnapshotExpose(NameArgs),
+    SnapshotUnexpose(NameArgs),
+    /// Answered by one reply line, then the stream's bytes until the connection closes.
+    Export(ExportArgs),
     Freeze(FreezeArgs),
     Thaw(FreezeArgs),
 }
@@ -143,6 +156,9 @@ impl Command {
             Command::SnapshotList => "snapshot.list",
             Command::SnapshotShow(_) => "snapshot.show",
             Command::SnapshotDelete(_) => "snapshot.delete",
+            Command::SnapshotExpose(_) => "snapshot.expose",
+            Command::SnapshotUnexpose(_) => "snapshot.unexpose",
+            Command::Export(_) => "export",
             Command::Freeze(_) => "freeze",
             Command::Thaw(_) => "thaw",
         }
@@ -152,7 +168,11 @@ impl Command {
         let v = match self {
             Command::Status | Command::SnapshotList => Ok(json!({})),
             Command::SnapshotCreate(a) => serde_json::to_value(a),
-            Command::SnapshotShow(a) | Command::SnapshotDelete(a) => serde_json::to_value(a),
+            Command::SnapshotShow(a)
+            | Command::SnapshotDelete(a)
+            | Command::SnapshotExpose(a)
+            | Command::SnapshotUnexpose(a) => serde_json::to_value(a),
+            Command::Export(a) => serde_json::to_value(a),
             Command::Freeze(a) | Command::Thaw(a) => serde_json::to_value(a),
         };
         v.unwrap_or_else(|_| json!({}))
@@ -224,6 +244,9 @@ impl Request {
             "snapshot.create" => typed(cmd, args).map(Command::SnapshotCreate),
             "snapshot.show" => typed(cmd, args).map(Command::SnapshotShow),
             "snapshot.delete" => typed(cmd, args).map(Command::SnapshotDelete),
+            "snapshot.expose" => typed(cmd, args).map(Command::SnapshotExpose),
+            "snapshot.unexpose" => typed(cmd, args).map(Command::SnapshotUnexpose),
+            "export" => typed(cmd, args).map(Command::Export),
             "freeze" => typed(cmd, args).map(Command::Freeze),
             "thaw" => typed(cmd, args).map(Command::Thaw),
             other => {
@@ -232,7 +255,7 @@ impl Request {
                     CtlError::new(
                         ErrorCode::UnknownCommand,
                         format!(
-                            "unknown command {other:?}; known: status, snapshot.create, snapshot.list, snapshot.show, snapshot.delete, freeze, thaw"
+                            "unknown command {other:?}; known: status, snapshot.create, snapshot.list, snapshot.show, snapshot.delete, snapshot.expose, snapshot.unexpose, export, freeze, thaw"
                         ),
                     ),
                 ))
@@ -293,6 +316,16 @@ mod tests {
             }),
             Command::SnapshotShow(NameArgs { name: "a".into() }),
             Command::SnapshotDelete(NameArgs { name: "a".into() }),
+            Command::SnapshotExpose(NameArgs { name: "a".into() }),
+            Command::SnapshotUnexpose(NameArgs { name: "a".into() }),
+            Command::Export(ExportArgs {
+                snapshot: "b".into(),
+                since: Some("a".into()),
+            }),
+            Command::Export(ExportArgs {
+                snapshot: "b".into(),
+                since: None,
+            }),
             Command::Freeze(FreezeArgs {
                 mount: None,
                 timeout_ms: Some(1000),

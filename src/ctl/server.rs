@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
-use super::protocol::{reply, CtlError, ErrorCode, Request, MAX_LINE};
+use super::protocol::{reply, Command, CtlError, ErrorCode, ExportArgs, Request, MAX_LINE};
 use super::service::VolumeService;
 
 /// How patient the server is with clients.
@@ -263,6 +263,14 @@ async fn serve_connection(
         }
         let out = match Request::parse(text) {
             Err((id, e)) => reply(&id, Err(e)),
+            Ok(Request {
+                id,
+                command: Command::Export(args),
+            }) => {
+                // The stream is the last thing on this connection.
+                stream_export(rd.into_inner(), wr, conn, id, args, limits, service).await;
+                return;
+            }
             Ok(req) => {
                 let svc = service.clone();
                 let name = req.command.name();
@@ -284,6 +292,90 @@ async fn serve_connection(
         if send(&mut wr, &out, limits).await.is_err() {
             return;
         }
+    }
+}
+
+/// Longest a client may leave the export stream unread before the daemon gives up on it.
+pub const EXPORT_STALL_LIMIT: Duration = Duration::from_secs(120);
+
+/// Answers an `export` request: one reply line (an error, or what the stream will
+/// carry), then the stream's bytes, written by a blocking thread straight to the
+/// socket; the connection then closes. A client that stops reading for
+/// [`EXPORT_STALL_LIMIT`] is dropped (its stream then lacks a trailer, so nothing accepts it).
+async fn stream_export(
+    rd: tokio::net::unix::OwnedReadHalf,
+    mut wr: tokio::net::unix::OwnedWriteHalf,
+    conn: u64,
+    id: Value,
+    args: ExportArgs,
+    limits: Limits,
+    service: &Arc<VolumeService>,
+) {
+    let svc = service.clone();
+    let a = args.clone();
+    let job = tokio::task::spawn_blocking(move || svc.prepare_export(&a))
+        .await
+        .unwrap_or_else(|e| {
+            Err(CtlError::new(
+                ErrorCode::Internal,
+                format!("export failed: {e}"),
+            ))
+        });
+    let job = match job {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::info!(conn, cmd = "export", code = ?e.code, error = %e.message, "control request refused");
+            let _ = send(&mut wr, &reply(&id, Err(e)), limits).await;
+            return;
+        }
+    };
+    let totals = job.export.totals();
+    let head = serde_json::json!({
+        "stream": {
+            "snapshot": args.snapshot,
+            "since": args.since,
+            "data_bytes": totals.data_bytes,
+            "records": totals.records,
+            "zero_bytes": totals.zero_bytes,
+        }
+    });
+    if send(&mut wr, &reply(&id, Ok(head)), limits).await.is_err() {
+        return;
+    }
+    let std_stream = match rd.reunite(wr).map(|s| s.into_std()) {
+        Ok(Ok(s)) => s,
+        _ => {
+            tracing::warn!(conn, "cannot hand the connection to the export thread");
+            return;
+        }
+    };
+    let written = tokio::task::spawn_blocking(move || {
+        std_stream.set_nonblocking(false)?;
+        std_stream.set_write_timeout(Some(EXPORT_STALL_LIMIT))?;
+        let out = std::io::BufWriter::with_capacity(1 << 20, std_stream);
+        let name = format!("export of {:?} to client {conn}", args.snapshot);
+        let (mut out, summary) = job
+            .export
+            .write(out, &name, &crate::stream::NoProgress)
+            .map_err(std::io::Error::other)?;
+        std::io::Write::flush(&mut out)?;
+        drop(job);
+        Ok::<_, std::io::Error>(summary)
+    })
+    .await;
+    match written {
+        Ok(Ok(s)) => tracing::info!(
+            conn,
+            snapshot = %s.source.snapshot.name,
+            base = s.source.base.as_ref().map(|b| b.name.as_str()),
+            bytes = s.stream_bytes,
+            secs = s.elapsed.as_secs_f64(),
+            "export streamed"
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(conn, error = %e, "export stopped; the client gets a stream without a trailer")
+        }
+        Err(e) => tracing::error!(conn, error = %e, "export thread failed"),
     }
 }
 

@@ -2,7 +2,9 @@
 //! coordination, manual freeze/thaw. Blocking code (engine fsyncs, FIFREEZE): the server
 //! runs it off its async runtime and off the ublk queue threads.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -10,10 +12,71 @@ use serde_json::{json, Value};
 
 use super::freeze::{self, FreezeGuard};
 use super::protocol::{
-    Command, CtlError, ErrorCode, FreezeArgs, FreezeMode, SnapshotCreateArgs,
+    Command, CtlError, ErrorCode, ExportArgs, FreezeArgs, FreezeMode, SnapshotCreateArgs,
     DEFAULT_FREEZE_TIMEOUT, MAX_FREEZE_TIMEOUT,
 };
-use crate::engine::{validate_snapshot_name, EngineError, Volume};
+use crate::engine::{validate_snapshot_name, EngineError, SnapshotView, Volume};
+use crate::stream::{PreparedExport, StreamError};
+
+/// Exports streaming at once, at most (each holds a blocking thread of the server).
+pub const MAX_EXPORTS: usize = 2;
+
+/// Exports in progress and the snapshots they read (which must not be deleted meanwhile).
+#[derive(Debug, Default)]
+struct Exports {
+    running: usize,
+    pinned: BTreeMap<String, usize>,
+}
+
+/// An export checked and ready to stream; the snapshots it reads stay pinned (not
+/// deletable) until it is dropped.
+pub struct ExportJob {
+    /// What to write.
+    pub export: PreparedExport,
+    exports: Arc<Mutex<Exports>>,
+    names: Vec<String>,
+}
+
+impl Drop for ExportJob {
+    fn drop(&mut self) {
+        let mut ex = self.exports.lock();
+        ex.running = ex.running.saturating_sub(1);
+        for n in &self.names {
+            if let Some(c) = ex.pinned.get_mut(n) {
+                *c -= 1;
+                if *c == 0 {
+                    ex.pinned.remove(n);
+                }
+            }
+        }
+    }
+}
+
+/// Maps a stream error met while preparing an export to a protocol error.
+fn export_error(e: StreamError) -> CtlError {
+    match e {
+        StreamError::Volume { err, context } => {
+            let mut c = engine_error(err);
+            c.message = format!("{context}: {}", c.message);
+            c
+        }
+        other => CtlError::new(ErrorCode::Io, other.to_string()),
+    }
+}
+
+/// Serves snapshots as read-only block devices. The daemon gives the service one backed
+/// by the ublk layer; without it (the volume not served, host tests) `snapshot.expose`
+/// is refused.
+pub trait SnapshotExposer: Send + Sync {
+    /// Serves `view`, snapshot `name`, until the returned handle is dropped.
+    fn expose(&self, name: &str, view: SnapshotView) -> Result<Box<dyn Exposed>, CtlError>;
+}
+
+/// A snapshot being served read-only; dropping it removes the device (and waits for that).
+pub trait Exposed: Send {
+    /// The block device node (`/dev/ublkbN`).
+    fn device(&self) -> &str;
+}
 
 /// The block device serving the volume, as the control layer needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -56,6 +119,12 @@ pub struct VolumeService {
     snapshots: Mutex<()>,
     /// A freeze asked for with the `freeze` command, per connection id.
     manual: Mutex<Option<(u64, FreezeGuard)>>,
+    /// Makes snapshot devices, if the daemon can.
+    exposer: Option<Box<dyn SnapshotExposer>>,
+    /// Snapshots served read-only, by name.
+    exposed: Mutex<BTreeMap<String, Box<dyn Exposed>>>,
+    /// Exports streaming now.
+    exports: Arc<Mutex<Exports>>,
 }
 
 impl VolumeService {
@@ -76,6 +145,51 @@ impl VolumeService {
             marker,
             snapshots: Mutex::new(()),
             manual: Mutex::new(None),
+            exposer: None,
+            exposed: Mutex::new(BTreeMap::new()),
+            exports: Arc::default(),
+        }
+    }
+
+    /// Checks an export request and pins its snapshots; the caller streams it (the
+    /// server, to the client's connection) and drops the job when done.
+    pub fn prepare_export(&self, a: &ExportArgs) -> Result<ExportJob, CtlError> {
+        let _one = self.snapshots.lock();
+        if self.exports.lock().running >= MAX_EXPORTS {
+            return Err(CtlError::new(
+                ErrorCode::Busy,
+                format!("{MAX_EXPORTS} exports are already streaming from this volume; retry when one ends"),
+            ));
+        }
+        let export = PreparedExport::new(&self.volume, &a.snapshot, a.since.as_deref())
+            .map_err(export_error)?;
+        let mut names = vec![a.snapshot.clone()];
+        names.extend(a.since.clone());
+        let mut ex = self.exports.lock();
+        ex.running += 1;
+        for n in &names {
+            *ex.pinned.entry(n.clone()).or_default() += 1;
+        }
+        drop(ex);
+        Ok(ExportJob {
+            export,
+            exports: self.exports.clone(),
+            names,
+        })
+    }
+
+    /// The same service, able to expose snapshots through `exposer`.
+    pub fn with_exposer(mut self, exposer: Box<dyn SnapshotExposer>) -> VolumeService {
+        self.exposer = Some(exposer);
+        self
+    }
+
+    /// Removes every snapshot device (the daemon is stopping).
+    pub fn unexpose_all(&self) {
+        let all = std::mem::take(&mut *self.exposed.lock());
+        for (name, dev) in all {
+            tracing::info!(snapshot = %name, device = dev.device(), "unexposing snapshot");
+            drop(dev);
         }
     }
 
@@ -83,7 +197,10 @@ impl VolumeService {
     pub fn handle(&self, conn: u64, cmd: Command) -> Result<Value, CtlError> {
         match cmd {
             Command::Status => Ok(self.status()),
-            Command::SnapshotList => Ok(json!({ "snapshots": self.volume.list_snapshots() })),
+            Command::SnapshotList => Ok(json!({
+                "snapshots": self.volume.list_snapshots(),
+                "exposed": self.exposed_devices(),
+            })),
             Command::SnapshotShow(a) => self
                 .volume
                 .snapshot_info(&a.name)
@@ -91,9 +208,34 @@ impl VolumeService {
                 .map_err(engine_error),
             Command::SnapshotDelete(a) => {
                 let _one = self.snapshots.lock();
+                if let Some(dev) = self.exposed.lock().get(&a.name) {
+                    return Err(CtlError::new(
+                        ErrorCode::Busy,
+                        format!(
+                            "snapshot {:?} is exposed as {}; unexpose it first (snapblk snapshot unexpose)",
+                            a.name,
+                            dev.device()
+                        ),
+                    ));
+                }
+                if self.exports.lock().pinned.contains_key(&a.name) {
+                    return Err(CtlError::new(
+                        ErrorCode::Busy,
+                        format!(
+                            "snapshot {:?} is being exported; delete it once the export ends",
+                            a.name
+                        ),
+                    ));
+                }
                 self.volume.delete_snapshot(&a.name).map_err(engine_error)?;
                 Ok(json!({ "deleted": a.name }))
             }
+            Command::SnapshotExpose(a) => self.expose(&a.name),
+            Command::SnapshotUnexpose(a) => self.unexpose(&a.name),
+            Command::Export(_) => Err(CtlError::new(
+                ErrorCode::Internal,
+                "export is streamed by the server, not answered here",
+            )),
             Command::SnapshotCreate(a) => self.snapshot_create(a),
             Command::Freeze(a) => self.manual_freeze(conn, a),
             Command::Thaw(_) => self.manual_thaw(None),
@@ -116,7 +258,52 @@ impl VolumeService {
             "volume": self.volume.status(),
             "device": self.device,
             "frozen": self.manual.lock().as_ref().map(|(_, g)| g.mounts().to_vec()),
+            "exposed": self.exposed_devices(),
         })
+    }
+
+    /// Device of each exposed snapshot, by snapshot name.
+    fn exposed_devices(&self) -> BTreeMap<String, String> {
+        self.exposed
+            .lock()
+            .iter()
+            .map(|(n, d)| (n.clone(), d.device().to_string()))
+            .collect()
+    }
+
+    /// Serves snapshot `name` read-only; asking again returns the same device.
+    fn expose(&self, name: &str) -> Result<Value, CtlError> {
+        let _one = self.snapshots.lock();
+        if let Some(dev) = self.exposed.lock().get(name) {
+            return Ok(json!({ "snapshot": name, "device": dev.device(), "created": false }));
+        }
+        let exposer = self.exposer.as_ref().ok_or_else(|| {
+            CtlError::new(
+                ErrorCode::NotFound,
+                "this daemon cannot serve snapshot devices (the volume is not served as a ublk device)",
+            )
+        })?;
+        let view = self.volume.snapshot_view(name).map_err(engine_error)?;
+        let dev = exposer.expose(name, view)?;
+        let device = dev.device().to_string();
+        tracing::info!(snapshot = name, device = %device, "snapshot exposed read-only");
+        self.exposed.lock().insert(name.to_string(), dev);
+        Ok(json!({ "snapshot": name, "device": device, "created": true }))
+    }
+
+    /// Removes the device of snapshot `name`.
+    fn unexpose(&self, name: &str) -> Result<Value, CtlError> {
+        let _one = self.snapshots.lock();
+        let dev = self.exposed.lock().remove(name).ok_or_else(|| {
+            CtlError::new(
+                ErrorCode::NotFound,
+                format!("snapshot {name:?} is not exposed"),
+            )
+        })?;
+        let device = dev.device().to_string();
+        drop(dev);
+        tracing::info!(snapshot = name, device = %device, "snapshot unexposed");
+        Ok(json!({ "snapshot": name, "device": device }))
     }
 
     fn device_number(&self) -> Option<(u32, u32)> {
@@ -254,4 +441,137 @@ fn freeze_timeout(ms: Option<u64>) -> Result<Duration, CtlError> {
 /// Where the marker of frozen mounts lives for the socket at `socket`.
 pub fn marker_path(socket: &Path) -> PathBuf {
     socket.with_extension("frozen")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ctl::protocol::NameArgs;
+    use crate::engine::CreateOptions;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Hands out fake devices and counts the ones removed.
+    struct FakeExposer {
+        next: AtomicUsize,
+        removed: Arc<AtomicUsize>,
+        first_byte: Arc<Mutex<Option<u8>>>,
+    }
+
+    struct FakeDevice {
+        path: String,
+        _view: SnapshotView,
+        removed: Arc<AtomicUsize>,
+    }
+
+    impl Exposed for FakeDevice {
+        fn device(&self) -> &str {
+            &self.path
+        }
+    }
+
+    impl Drop for FakeDevice {
+        fn drop(&mut self) {
+            self.removed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    impl SnapshotExposer for FakeExposer {
+        fn expose(&self, _name: &str, view: SnapshotView) -> Result<Box<dyn Exposed>, CtlError> {
+            let n = self.next.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            view.read(0, &mut buf)
+                .map_err(|e| CtlError::new(ErrorCode::Io, e.to_string()))?;
+            *self.first_byte.lock() = Some(buf[0]);
+            Ok(Box::new(FakeDevice {
+                path: format!("/dev/fake{n}"),
+                _view: view,
+                removed: self.removed.clone(),
+            }))
+        }
+    }
+
+    fn name(n: &str) -> NameArgs {
+        NameArgs { name: n.into() }
+    }
+
+    #[test]
+    fn expose_unexpose_and_delete_rules() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let vol = Volume::create(
+            &tmp.path().join("v"),
+            &CreateOptions {
+                size: 1 << 20,
+                block_size: 4096,
+            },
+        )
+        .expect("volume");
+        vol.write(0, &[7u8; 4096], false).expect("write");
+        vol.create_snapshot("s1").expect("snapshot");
+        vol.write(0, &[9u8; 4096], false).expect("write");
+
+        // Without an exposer the request is refused with a reason.
+        let plain = VolumeService::new(vol.clone(), None, None, None);
+        let e = plain
+            .handle(1, Command::SnapshotExpose(name("s1")))
+            .expect_err("no exposer");
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert!(e.message.contains("not served"), "{}", e.message);
+
+        let removed = Arc::new(AtomicUsize::new(0));
+        let first_byte = Arc::new(Mutex::new(None));
+        let svc =
+            VolumeService::new(vol.clone(), None, None, None).with_exposer(Box::new(FakeExposer {
+                next: AtomicUsize::new(0),
+                removed: removed.clone(),
+                first_byte: first_byte.clone(),
+            }));
+        let e = svc
+            .handle(1, Command::SnapshotExpose(name("nope")))
+            .expect_err("unknown snapshot");
+        assert_eq!(e.code, ErrorCode::NotFound);
+
+        let r = svc
+            .handle(1, Command::SnapshotExpose(name("s1")))
+            .expect("expose");
+        assert_eq!(r["device"], "/dev/fake0");
+        assert_eq!(r["created"], true);
+        // Asking again gives the same device.
+        let again = svc
+            .handle(2, Command::SnapshotExpose(name("s1")))
+            .expect("again");
+        assert_eq!(again["device"], "/dev/fake0");
+        assert_eq!(again["created"], false);
+        let status = svc.handle(1, Command::Status).expect("status");
+        assert_eq!(status["exposed"]["s1"], "/dev/fake0");
+
+        // The device was given a view of the snapshot, not of the live volume.
+        assert_eq!(*first_byte.lock(), Some(7));
+
+        let e = svc
+            .handle(1, Command::SnapshotDelete(name("s1")))
+            .expect_err("delete while exposed");
+        assert_eq!(e.code, ErrorCode::Busy);
+        assert!(e.message.contains("/dev/fake0"), "{}", e.message);
+        assert!(vol.snapshot_info("s1").is_ok());
+
+        let r = svc
+            .handle(1, Command::SnapshotUnexpose(name("s1")))
+            .expect("unexpose");
+        assert_eq!(r["device"], "/dev/fake0");
+        assert_eq!(removed.load(Ordering::SeqCst), 1);
+        let e = svc
+            .handle(1, Command::SnapshotUnexpose(name("s1")))
+            .expect_err("twice");
+        assert_eq!(e.code, ErrorCode::NotFound);
+        svc.handle(1, Command::SnapshotDelete(name("s1")))
+            .expect("delete once unexposed");
+
+        // Stopping the daemon removes what is still exposed.
+        vol.create_snapshot("s2").expect("s2");
+        svc.handle(1, Command::SnapshotExpose(name("s2")))
+            .expect("expose s2");
+        svc.unexpose_all();
+        assert_eq!(removed.load(Ordering::SeqCst), 2);
+        assert_eq!(svc.exposed_devices().len(), 0);
+    }
 }

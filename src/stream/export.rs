@@ -8,10 +8,10 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use crate::engine::{EngineError, SnapshotInfo, SnapshotView, Volume};
+use crate::engine::{EngineError, Extent, SnapshotInfo, SnapshotView, Volume};
 
 use super::error::{Result, StreamError};
-use super::format::{SnapshotRef, StreamHeader, StreamSource, Trailer, MAX_DATA_LEN};
+use super::format::{SnapshotRef, StreamHeader, StreamSource, Totals, Trailer, MAX_DATA_LEN};
 use super::plan::{ExportPlan, Piece};
 use super::progress::Progress;
 use super::writer::StreamWriter;
@@ -116,41 +116,92 @@ pub fn export_snapshot<W: Write>(
     name: &str,
     progress: &dyn Progress,
 ) -> Result<(W, ExportSummary)> {
-    let ctx = |what: String| move |err: EngineError| StreamError::Volume { context: what, err };
-    let vname = volume.name().to_string();
-    let view = volume
-        .snapshot_view(snapshot)
-        .map_err(ctx(format!("volume {vname}")))?;
-    let info = volume
-        .snapshot_info(snapshot)
-        .map_err(ctx(format!("volume {vname}")))?;
-    let allocated = volume.allocated_extents(snapshot).map_err(ctx(format!(
-        "volume {vname}: allocated blocks of {snapshot:?}"
-    )))?;
-    let (base, changed) = match since {
-        None => (None, None),
-        Some(base) => {
-            let b = volume
-                .snapshot_info(base)
-                .map_err(ctx(format!("volume {vname}: base snapshot")))?;
-            let changed = volume.changed_extents(base, snapshot).map_err(ctx(format!(
-                "volume {vname}: blocks changed from {base:?} to {snapshot:?}"
-            )))?;
-            (Some(snapshot_ref(&b)), Some(changed))
+    PreparedExport::new(volume, snapshot, since)?.write(out, name, progress)
+}
+
+/// An export whose extents are worked out and whose snapshot layers are held open:
+/// the daemon checks a request with it before it answers, then streams.
+pub struct PreparedExport {
+    view: SnapshotView,
+    source: StreamSource,
+    allocated: Vec<Extent>,
+    changed: Option<Vec<Extent>>,
+}
+
+impl PreparedExport {
+    /// Looks up snapshot `snapshot` (and base `since`) of `volume` and the extents to send.
+    pub fn new(volume: &Volume, snapshot: &str, since: Option<&str>) -> Result<PreparedExport> {
+        let ctx = |what: String| move |err: EngineError| StreamError::Volume { context: what, err };
+        let vname = volume.name().to_string();
+        let view = volume
+            .snapshot_view(snapshot)
+            .map_err(ctx(format!("volume {vname}")))?;
+        let info = volume
+            .snapshot_info(snapshot)
+            .map_err(ctx(format!("volume {vname}")))?;
+        let allocated = volume.allocated_extents(snapshot).map_err(ctx(format!(
+            "volume {vname}: allocated blocks of {snapshot:?}"
+        )))?;
+        let (base, changed) = match since {
+            None => (None, None),
+            Some(base) => {
+                let b = volume
+                    .snapshot_info(base)
+                    .map_err(ctx(format!("volume {vname}: base snapshot")))?;
+                let changed = volume.changed_extents(base, snapshot).map_err(ctx(format!(
+                    "volume {vname}: blocks changed from {base:?} to {snapshot:?}"
+                )))?;
+                (Some(snapshot_ref(&b)), Some(changed))
+            }
+        };
+        let source = StreamSource {
+            volume_id: volume.id(),
+            volume_size: volume.size(),
+            block_size: volume.block_size(),
+            snapshot: snapshot_ref(&info),
+            base,
+        };
+        Ok(PreparedExport {
+            view,
+            source,
+            allocated,
+            changed,
+        })
+    }
+
+    /// What the stream is a copy of.
+    pub fn source(&self) -> &StreamSource {
+        &self.source
+    }
+
+    fn plan(&self) -> ExportPlan<'_> {
+        match &self.changed {
+            None => ExportPlan::full(&self.allocated),
+            Some(changed) => ExportPlan::incremental(changed, &self.allocated),
         }
-    };
-    let plan = match &changed {
-        None => ExportPlan::full(&allocated),
-        Some(changed) => ExportPlan::incremental(changed, &allocated),
-    };
-    let source = StreamSource {
-        volume_id: volume.id(),
-        volume_size: volume.size(),
-        block_size: volume.block_size(),
-        snapshot: snapshot_ref(&info),
-        base,
-    };
-    write_stream(&view, source, &plan, out, name, progress)
+    }
+
+    /// What the stream will carry.
+    pub fn totals(&self) -> Totals {
+        self.plan().totals()
+    }
+
+    /// Writes the stream to `out` (see [`write_stream`]).
+    pub fn write<W: Write>(
+        &self,
+        out: W,
+        name: &str,
+        progress: &dyn Progress,
+    ) -> Result<(W, ExportSummary)> {
+        write_stream(
+            &self.view,
+            self.source.clone(),
+            &self.plan(),
+            out,
+            name,
+            progress,
+        )
+    }
 }
 
 fn snapshot_ref(s: &SnapshotInfo) -> SnapshotRef {

@@ -103,6 +103,11 @@ impl<R: Read> StreamReader<R> {
         self.record_start
     }
 
+    /// The input, given back (at its end once the last record was read).
+    pub fn into_inner(self) -> R {
+        self.input
+    }
+
     /// What was read: records and bytes (the trailer's content once the end is reached).
     pub fn counts(&self) -> Trailer {
         self.counts

@@ -22,7 +22,7 @@ use libublk::{sys, UblkFlags};
 use parking_lot::Mutex;
 use tracing::{error, info, info_span, warn, Span};
 
-use crate::engine::{EngineError, Volume};
+use crate::engine::{EngineError, SnapshotView, Volume};
 
 use super::error::{describe_ublk_error, Result, UblkLayerError};
 use super::features::{self, DataMode};
@@ -83,9 +83,13 @@ pub struct ServingDevice {
 
 /// Why serving ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StopReason {
+pub(super) enum StopReason {
+    /// SIGTERM or SIGINT.
     Signal(i32),
+    /// This many queue threads ended on their own.
     QueuesEnded(usize),
+    /// The daemon asked (a snapshot device being unexposed).
+    Asked,
 }
 
 /// Default queue count: one per CPU, at most 4.
@@ -96,7 +100,7 @@ pub fn default_queues() -> u16 {
     u16::try_from(cpus.clamp(1, 4)).unwrap_or(1)
 }
 
-fn check_options(opts: &ServeOptions) -> Result<()> {
+pub(super) fn check_options(opts: &ServeOptions) -> Result<()> {
     if opts.queues == 0 || u32::from(opts.queues) > sys::UBLK_MAX_NR_QUEUES {
         return Err(UblkLayerError::InvalidOption(format!(
             "--queues must be between 1 and {}",
@@ -142,7 +146,9 @@ where
             op: "resolve the volume folder",
             source,
         })?;
-    let params = params::device_params(volume.size(), volume.block_size(), MAX_IO_BYTES)?;
+    let params = params::device_params(volume.size(), volume.block_size(), MAX_IO_BYTES, false)?;
+    // Snapshot devices of a daemon that died serve nothing any more.
+    super::expose::remove_leftovers(&volume_dir);
     // The device id joins the span as soon as it is known (at once with --id).
     let span = info_span!("ublk", dev_id = tracing::field::Empty, volume = %volume.name());
     if let Some(id) = opts.dev_id {
@@ -159,7 +165,7 @@ where
     let (ctrl, mode) = if opts.recover {
         recover_ctrl(opts, &volume, &volume_dir)?
     } else {
-        add_ctrl(opts)?
+        add_ctrl(opts, true)?
     };
     let info = ctrl.dev_info();
     if opts.dev_id.is_none() && !opts.recover {
@@ -173,28 +179,6 @@ where
         if opts.recover { "reattached" } else { "added" }
     );
 
-    let workers = match Workers::start(&volume, &span, MISC_WORKERS) {
-        Ok(w) => w,
-        Err(e) => {
-            abandon_device(&ctrl, opts.recover);
-            return Err(e);
-        }
-    };
-    let Some(work) = workers.submitter() else {
-        abandon_device(&ctrl, opts.recover);
-        return Err(UblkLayerError::InvalidOption(
-            "worker pool has no submitter".into(),
-        ));
-    };
-    let exited = Arc::new(AtomicUsize::new(0));
-    let setup = QueueSetup {
-        volume: volume.clone(),
-        work,
-        mode,
-        span: span.clone(),
-        exited: exited.clone(),
-    };
-    let stop: Arc<Mutex<Option<StopReason>>> = Arc::new(Mutex::new(None));
     let serving = ServingDevice {
         dev_id: info.dev_id,
         bdev_path: ctrl.get_bdev_path(),
@@ -202,8 +186,94 @@ where
         mode,
         recovered: opts.recover,
     };
-    let target = recover::target_json(&volume_dir, volume.name());
-    let size = volume.size();
+    let spec = DeviceSpec {
+        volume: volume.clone(),
+        snapshot: None,
+        mode,
+        params,
+        target: recover::target_json(&volume_dir, volume.name()),
+        span: span.clone(),
+    };
+    let live_volume = volume.clone();
+    let run = run_device(&ctrl, spec, move |exited, nr_queues| {
+        ready(&serving, &live_volume);
+        wait_for_stop(exited, nr_queues)
+    });
+    let dev_id = info.dev_id;
+    let reason = match run {
+        Ok(reason) => reason,
+        Err(e) => {
+            abandon_device(&ctrl, opts.recover);
+            return Err(e);
+        }
+    };
+    let flushed = volume.flush();
+    remove_device(&ctrl);
+    if let Err(source) = flushed {
+        error!(error = %source, "final flush failed");
+        return Err(UblkLayerError::FinalFlush {
+            volume: volume.name().to_string(),
+            source,
+        });
+    }
+    match reason {
+        Some(StopReason::QueuesEnded(n)) => Err(UblkLayerError::QueueFailed { dev_id, queues: n }),
+        _ => {
+            info!("device removed, volume flushed");
+            Ok(())
+        }
+    }
+}
+
+/// What a device added by [`run_device`] serves and how.
+pub(super) struct DeviceSpec {
+    /// The volume.
+    pub volume: Volume,
+    /// Set for a read-only device of this snapshot of the volume.
+    pub snapshot: Option<SnapshotView>,
+    /// Copy or zero copy (as the device was created).
+    pub mode: DataMode,
+    /// The block device parameters.
+    pub params: sys::ublk_params,
+    /// Target data for libublk's device json.
+    pub target: serde_json::Value,
+    /// The device's span (device id and volume).
+    pub span: Span,
+}
+
+/// Starts the queues of the device `ctrl` was built for and runs it: `live` is called on
+/// its own thread once the device is live and returns when the device should stop; the
+/// device is then stopped (a mounted file system synced first) and the queues joined.
+/// Returns why it stopped (None if `live` never ran). On error, the caller undoes the
+/// device ([`abandon_device`]).
+pub(super) fn run_device<L>(
+    ctrl: &UblkCtrl,
+    spec: DeviceSpec,
+    live: L,
+) -> Result<Option<StopReason>>
+where
+    L: FnOnce(&AtomicUsize, usize) -> StopReason + Send + Sync + 'static,
+{
+    let span = spec.span.clone();
+    let info = ctrl.dev_info();
+    let workers = Workers::start(&spec.volume, &span, MISC_WORKERS)?;
+    let Some(work) = workers.submitter() else {
+        return Err(UblkLayerError::InvalidOption(
+            "worker pool has no submitter".into(),
+        ));
+    };
+    let exited = Arc::new(AtomicUsize::new(0));
+    let setup = QueueSetup {
+        volume: spec.volume.clone(),
+        snapshot: spec.snapshot.clone(),
+        work,
+        mode: spec.mode,
+        span: span.clone(),
+        exited: exited.clone(),
+    };
+    let stop: Arc<Mutex<Option<StopReason>>> = Arc::new(Mutex::new(None));
+    let size = spec.volume.size();
+    let (params, target, mode) = (spec.params, spec.target, spec.mode);
     let tgt_init = move |dev: &mut UblkDev| {
         dev.tgt.dev_size = size;
         dev.tgt.params = params;
@@ -219,44 +289,25 @@ where
     let device_fn = {
         let span = span.clone();
         let stop = stop.clone();
-        let volume = volume.clone();
         let nr_queues = usize::from(info.nr_hw_queues);
         move |ctrl: &UblkCtrl| {
             let _g = span.enter();
-            info!(mode = serving.mode.name(), bdev = %serving.bdev_path, "device is live");
-            ready(&serving, &volume);
-            let reason = wait_for_stop(&exited, nr_queues);
+            let bdev = ctrl.get_bdev_path();
+            info!(mode = mode.name(), bdev = %bdev, "device is live");
+            let reason = live(&exited, nr_queues);
             *stop.lock() = Some(reason);
-            stop_device(ctrl, &serving.bdev_path, reason);
+            stop_device(ctrl, &bdev, reason);
         }
     };
-    let run = ctrl.run_target(tgt_init, q_fn, device_fn);
-    let dev_id = info.dev_id;
-    if let Err(e) = run {
+    if let Err(e) = ctrl.run_target(tgt_init, q_fn, device_fn) {
         error!(error = %describe_ublk_error(&e), "the device did not start");
-        abandon_device(&ctrl, opts.recover);
         // Queue threads may still be parked in the driver: do not wait for them.
         workers.abandon();
         return Err(UblkLayerError::ublk("start device", e));
     }
     workers.shutdown();
-    let flushed = volume.flush();
-    remove_device(&ctrl);
-    if let Err(source) = flushed {
-        error!(error = %source, "final flush failed");
-        return Err(UblkLayerError::FinalFlush {
-            volume: volume.name().to_string(),
-            source,
-        });
-    }
     let reason = *stop.lock();
-    match reason {
-        Some(StopReason::QueuesEnded(n)) => Err(UblkLayerError::QueueFailed { dev_id, queues: n }),
-        _ => {
-            info!("device removed, volume flushed");
-            Ok(())
-        }
-    }
+    Ok(reason)
 }
 
 /// Opens the volume. When recovering, waits a little for a dying predecessor to
@@ -279,10 +330,16 @@ fn open_volume(opts: &ServeOptions) -> Result<Volume> {
     }
 }
 
-/// Adds a new device with the flags the driver allows.
-fn add_ctrl(opts: &ServeOptions) -> Result<(UblkCtrl, DataMode)> {
+/// Adds a new device with the flags the driver allows. Without `recovery` (snapshot
+/// devices), the device goes away with the daemon instead of waiting for a new one.
+pub(super) fn add_ctrl(opts: &ServeOptions, recovery: bool) -> Result<(UblkCtrl, DataMode)> {
     let feats = features::query_driver_features();
-    let chosen = features::choose_device_flags(feats, opts.force_copy);
+    let mut chosen = features::choose_device_flags(feats, opts.force_copy);
+    if !recovery {
+        chosen.ctrl_flags &=
+            !u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE);
+        chosen.missing.clear();
+    }
     for name in &chosen.missing {
         warn!(
             flag = name,
@@ -372,7 +429,7 @@ fn wait_for_stop(exited: &AtomicUsize, nr_queues: usize) -> StopReason {
 
 /// Stops the device while the queues still serve (the kernel flushes a mounted file
 /// system through them first); the queues then end.
-fn stop_device(ctrl: &UblkCtrl, bdev_path: &str, reason: StopReason) {
+pub(super) fn stop_device(ctrl: &UblkCtrl, bdev_path: &str, reason: StopReason) {
     let mounted = mounts::mount_points(Path::new(bdev_path));
     if !mounted.is_empty() {
         warn!(
@@ -428,7 +485,7 @@ fn sync_mount(mount_point: &str) {
 /// Undoes a device that never went live: a new one is deleted; a recovered one is left
 /// waiting for a daemon (deleting it would fail the file system still mounted on it),
 /// for another `--recover` to take over.
-fn abandon_device(ctrl: &UblkCtrl, recovering: bool) {
+pub(super) fn abandon_device(ctrl: &UblkCtrl, recovering: bool) {
     if recovering {
         warn!("the device stays, waiting for a daemon: retry with --recover");
         ctrl.disown();
@@ -438,7 +495,7 @@ fn abandon_device(ctrl: &UblkCtrl, recovering: bool) {
 }
 
 /// Stops (if still live) and deletes the device without waiting for its last user.
-fn remove_device(ctrl: &UblkCtrl) {
+pub(super) fn remove_device(ctrl: &UblkCtrl) {
     let _ = ctrl.kill_dev();
     match ctrl.del_dev_async() {
         Ok(_) => info!("device deleted"),

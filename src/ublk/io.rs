@@ -14,7 +14,7 @@ use libublk::uring_async::UblkUringOpFuture;
 use libublk::UblkUringData;
 use tracing::{debug, warn};
 
-use crate::engine::{EngineError, ReadSource, Volume};
+use crate::engine::{EngineError, ReadSegment, ReadSource, SnapshotView, Volume};
 
 use super::features::DataMode;
 use super::worker::{decode_result, BlockingOp, Completion, WorkSubmitter};
@@ -70,19 +70,16 @@ enum Dir {
     Write,
 }
 
-/// One part of a transfer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Piece {
-    buf_offset: u64,
-    len: u64,
-    source: ReadSource,
-}
+/// One part of a transfer: where in the request's buffer, how long, which file.
+type Piece = ReadSegment;
 
 /// What the tag tasks of one queue share to serve requests. Ring ops go to the
 /// calling thread's io_uring (the queue's ring, set up by libublk).
 pub struct IoCtx {
     /// The volume served.
     pub volume: Volume,
+    /// Set when the device serves this snapshot of the volume, read-only.
+    pub snapshot: Option<SnapshotView>,
     /// Where blocking calls go.
     pub work: WorkSubmitter,
     /// Copy or zero copy.
@@ -127,12 +124,14 @@ impl IoCtx {
     /// Context for the tasks of one queue thread.
     pub fn new(
         volume: Volume,
+        snapshot: Option<SnapshotView>,
         work: WorkSubmitter,
         mode: DataMode,
         devzero: Option<OwnedFd>,
     ) -> Self {
         IoCtx {
             volume,
+            snapshot,
             work,
             mode,
             devzero,
@@ -144,6 +143,14 @@ impl IoCtx {
     pub async fn handle(&self, tag: u16, req: Request, buf: DataBuf) -> i32 {
         let res = match req.op {
             sys::UBLK_IO_OP_READ => self.read(req, buf).await,
+            // A snapshot device is marked read-only, so the kernel refuses writes first;
+            // this is the second line. It has nothing to flush.
+            sys::UBLK_IO_OP_FLUSH if self.snapshot.is_some() => 0,
+            sys::UBLK_IO_OP_WRITE | sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES
+                if self.snapshot.is_some() =>
+            {
+                -libc::EROFS
+            }
             sys::UBLK_IO_OP_WRITE => self.write(req, buf).await,
             sys::UBLK_IO_OP_FLUSH => self.blocking(BlockingOp::Flush).await,
             sys::UBLK_IO_OP_DISCARD => {
@@ -176,23 +183,18 @@ impl IoCtx {
     }
 
     async fn read(&self, req: Request, buf: DataBuf) -> i32 {
-        let plan = match self.volume.plan_read(req.offset, req.len) {
+        let planned = match &self.snapshot {
+            Some(view) => view.plan_read(req.offset, req.len),
+            None => self.volume.plan_read(req.offset, req.len),
+        };
+        let plan = match planned {
             Ok(p) => p,
             Err(e) => {
                 warn!(offset = req.offset, len = req.len, error = %e, "read refused");
                 return neg_errno(&e);
             }
         };
-        let pieces = plan
-            .segments
-            .iter()
-            .map(|s| Piece {
-                buf_offset: s.buf_offset,
-                len: s.len,
-                source: s.source,
-            })
-            .collect();
-        let res = self.transfer(Dir::Read, buf, pieces).await;
+        let res = self.transfer(Dir::Read, buf, &plan.segments).await;
         // The plan kept the layer files open until every op on them completed.
         drop(plan);
         if res < 0 {
@@ -218,7 +220,9 @@ impl IoCtx {
                 offset: ticket.file_offset(),
             },
         };
-        let res = self.transfer(Dir::Write, buf, vec![piece]).await;
+        let res = self
+            .transfer(Dir::Write, buf, std::slice::from_ref(&piece))
+            .await;
         if res < 0 {
             // Dropping the ticket uncompleted leaves the map as it was.
             drop(ticket);
@@ -297,9 +301,10 @@ impl IoCtx {
     /// Moves every piece, one ring op each, all in flight together; retries short
     /// transfers and EAGAIN. Returns 0 or the first -errno, always after every op
     /// submitted has completed (the buffer must not be reused while one is running).
-    async fn transfer(&self, dir: Dir, buf: DataBuf, mut pending: Vec<Piece>) -> i32 {
+    async fn transfer(&self, dir: Dir, buf: DataBuf, pieces: &[Piece]) -> i32 {
         let mut retries = 0;
         let mut first_err = 0;
+        let mut pending = pieces.to_vec();
         while !pending.is_empty() && first_err == 0 {
             let mut inflight = Vec::with_capacity(pending.len());
             for p in pending.drain(..) {
@@ -497,6 +502,7 @@ mod tests {
             let workers = Workers::start(&volume, &span, 1).expect("workers");
             let ctx = IoCtx::new(
                 volume.clone(),
+                None,
                 workers.submitter().expect("submitter"),
                 DataMode::Copy,
                 None,
@@ -571,6 +577,52 @@ mod tests {
         assert_eq!(&buf[..8192], &old[..8192]);
         assert_eq!(&buf[8192..12288], &new[..]);
         assert_eq!(&buf[12288..], &old[12288..]);
+    }
+
+    #[test]
+    fn snapshot_device_reads_the_snapshot_and_refuses_writes() {
+        let f = Fixture::new();
+        let mut old = pattern(8192, 5);
+        assert_eq!(f.req(sys::UBLK_IO_OP_WRITE, 0, 8192, &mut old), 8192);
+        f.volume.create_snapshot("s1").expect("snapshot");
+        let mut new = pattern(4096, 77);
+        assert_eq!(f.req(sys::UBLK_IO_OP_WRITE, 0, 4096, &mut new), 4096);
+        let view = f.volume.snapshot_view("s1").expect("view");
+        let ctx = IoCtx::new(
+            f.volume.clone(),
+            Some(view),
+            f.ctx.work.clone(),
+            DataMode::Copy,
+            None,
+        );
+        let call = |op: u32, offset: u64, len: u64, buf: &mut [u8]| {
+            let data = DataBuf::Copy {
+                ptr: buf.as_mut_ptr(),
+                len: buf.len(),
+            };
+            let r = Request {
+                op,
+                flags: op,
+                offset,
+                len,
+            };
+            run(ctx.handle(0, r, data))
+        };
+        let mut buf = vec![0u8; 8192];
+        assert_eq!(call(sys::UBLK_IO_OP_READ, 0, 8192, &mut buf), 8192);
+        assert_eq!(buf, old, "the snapshot device must read the snapshot");
+        for op in [
+            sys::UBLK_IO_OP_WRITE,
+            sys::UBLK_IO_OP_DISCARD,
+            sys::UBLK_IO_OP_WRITE_ZEROES,
+        ] {
+            assert_eq!(call(op, 0, 4096, &mut buf), -libc::EROFS, "op {op}");
+        }
+        assert_eq!(call(sys::UBLK_IO_OP_FLUSH, 0, 0, &mut []), 0);
+        // The live volume kept its newer data.
+        let mut live = vec![0u8; 4096];
+        f.volume.read(0, &mut live).expect("read");
+        assert_eq!(live, new);
     }
 
     #[test]

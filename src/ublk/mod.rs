@@ -5,11 +5,13 @@
 //! - [`device`]: add or recover the device, serve until SIGTERM/SIGINT, stop and delete.
 //! - [`queue`] / [`io`]: one thread per queue, one task per tag, one request at a time.
 //! - [`worker`]: blocking engine calls (flush, discard, write zeroes) off the queues.
+//! - [`expose`]: a snapshot as a read-only device beside the volume's.
 //! - [`features`]: zero copy (`UBLK_F_AUTO_BUF_REG`, 6.16+) or copy mode.
 
 pub mod device;
 pub mod error;
 pub mod executor;
+pub mod expose;
 pub mod features;
 pub mod io;
 pub mod mounts;
@@ -21,4 +23,5 @@ pub mod worker;
 
 pub use device::{default_queues, serve, ServeOptions, ServingDevice, CONTROL_PATH};
 pub use error::{Result, UblkLayerError};
+pub use expose::{expose, ExposeOptions, ExposedDevice};
 pub use features::DataMode;

@@ -22,8 +22,15 @@ fn shift_of(v: u64) -> Option<u8> {
 }
 
 /// Builds the device parameters for a volume of `size` bytes and `block_size` logical
-/// blocks, with requests of at most `max_io_bytes`.
-pub fn device_params(size: u64, block_size: u32, max_io_bytes: u32) -> Result<sys::ublk_params> {
+/// blocks, with requests of at most `max_io_bytes`. A `read_only` device (a snapshot)
+/// is marked so in the kernel, which then refuses writes before they reach us, and
+/// offers neither a write cache nor discard.
+pub fn device_params(
+    size: u64,
+    block_size: u32,
+    max_io_bytes: u32,
+    read_only: bool,
+) -> Result<sys::ublk_params> {
     let lbs_shift = shift_of(u64::from(block_size))
         .filter(|s| (9..=12).contains(s))
         .ok_or_else(|| {
@@ -43,7 +50,7 @@ pub fn device_params(size: u64, block_size: u32, max_io_bytes: u32) -> Result<sy
     }
     // Physical blocks: at least a page, so file systems align their I/O to 4 KiB.
     let pbs_shift = lbs_shift.max(12);
-    Ok(sys::ublk_params {
+    let mut params = sys::ublk_params {
         types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD,
         basic: sys::ublk_param_basic {
             // Volatile cache + FUA: the kernel sends FLUSH and FUA writes, which are our
@@ -67,7 +74,13 @@ pub fn device_params(size: u64, block_size: u32, max_io_bytes: u32) -> Result<sy
             ..Default::default()
         },
         ..Default::default()
-    })
+    };
+    if read_only {
+        params.types = sys::UBLK_PARAM_TYPE_BASIC;
+        params.basic.attrs = sys::UBLK_ATTR_READ_ONLY;
+        params.discard = Default::default();
+    }
+    Ok(params)
 }
 
 #[cfg(test)]
@@ -76,7 +89,7 @@ mod tests {
 
     #[test]
     fn params_for_4k_volume() {
-        let p = device_params(256 << 20, 4096, MAX_IO_BYTES).expect("valid");
+        let p = device_params(256 << 20, 4096, MAX_IO_BYTES, false).expect("valid");
         assert_eq!(p.basic.logical_bs_shift, 12);
         assert_eq!(p.basic.physical_bs_shift, 12);
         assert_eq!(p.basic.dev_sectors, (256 << 20) >> 9);
@@ -91,18 +104,26 @@ mod tests {
 
     #[test]
     fn params_for_512_volume() {
-        let p = device_params(64 << 20, 512, MAX_IO_BYTES).expect("valid");
+        let p = device_params(64 << 20, 512, MAX_IO_BYTES, false).expect("valid");
         assert_eq!(p.basic.logical_bs_shift, 9);
         assert_eq!(p.basic.physical_bs_shift, 12);
         assert_eq!(p.discard.discard_granularity, 512);
     }
 
     #[test]
+    fn params_for_read_only_snapshot() {
+        let p = device_params(64 << 20, 4096, MAX_IO_BYTES, true).expect("valid");
+        assert_eq!(p.basic.attrs, sys::UBLK_ATTR_READ_ONLY);
+        assert_eq!(p.types & sys::UBLK_PARAM_TYPE_DISCARD, 0);
+        assert_eq!(p.basic.dev_sectors, (64 << 20) >> 9);
+    }
+
+    #[test]
     fn rejects_bad_geometry() {
-        assert!(device_params(64 << 20, 1000, MAX_IO_BYTES).is_err());
-        assert!(device_params(64 << 20, 8192, MAX_IO_BYTES).is_err());
-        assert!(device_params(4096 + 512, 4096, MAX_IO_BYTES).is_err());
-        assert!(device_params(0, 4096, MAX_IO_BYTES).is_err());
-        assert!(device_params(1 << 20, 4096, 1000).is_err());
+        assert!(device_params(64 << 20, 1000, MAX_IO_BYTES, false).is_err());
+        assert!(device_params(64 << 20, 8192, MAX_IO_BYTES, false).is_err());
+        assert!(device_params(4096 + 512, 4096, MAX_IO_BYTES, false).is_err());
+        assert!(device_params(0, 4096, MAX_IO_BYTES, false).is_err());
+        assert!(device_params(1 << 20, 4096, 1000, false).is_err());
     }
 }

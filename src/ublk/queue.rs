@@ -14,7 +14,7 @@ use libublk::uring_async::{ublk_reap_io_events_with_update_queue, ublk_wake_task
 use libublk::{sys, BufDesc, UblkError};
 use tracing::{debug, error, info_span, warn, Span};
 
-use crate::engine::Volume;
+use crate::engine::{SnapshotView, Volume};
 
 use super::error::describe_ublk_error;
 use super::executor::LocalExecutor;
@@ -30,6 +30,8 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 pub struct QueueSetup {
     /// The volume served.
     pub volume: Volume,
+    /// Set when the device serves this snapshot of the volume, read-only.
+    pub snapshot: Option<SnapshotView>,
     /// Where blocking calls go.
     pub work: WorkSubmitter,
     /// Copy or zero copy (from the device's flags).
@@ -91,6 +93,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, setup: &QueueSetup) {
     };
     let ctx = Rc::new(IoCtx::new(
         setup.volume.clone(),
+        setup.snapshot.clone(),
         setup.work.clone(),
         setup.mode,
         devzero,
