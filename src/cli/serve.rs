@@ -87,6 +87,13 @@ pub struct ServeArgs {
     #[arg(long)]
     pub copy: bool,
 
+    /// Read and write the layer files through the page cache. By default they use
+    /// direct I/O (O_DIRECT) where the file system allows it for the volume's block
+    /// size: no second cached copy of the data, and requests complete without
+    /// io_uring's worker threads.
+    #[arg(long)]
+    pub buffered: bool,
+
     /// Control socket for snapshots, status and freezing (mode 0600)
     /// [default: /run/snapblk/<volume name>.sock].
     #[arg(long, value_name = "PATH")]
@@ -111,6 +118,7 @@ impl ServeArgs {
             depth: self.depth,
             recover: self.recover,
             force_copy: self.copy,
+            buffered: self.buffered,
         }
     }
 }

@@ -230,19 +230,14 @@ impl Volume {
         let lock = lock_volume(dir)?;
         let manifest = Manifest::load(dir)?;
         remove_leftovers(dir, &manifest)?;
+        let direct = opts.direct && fsutil::direct_io_fits(dir, manifest.block_size);
         let mut layers = Vec::with_capacity(manifest.layers.len());
         let top = manifest.layers.len() - 1;
         for (i, entry) in manifest.layers.iter().enumerate() {
             let l = if i == top {
-                Layer::open_head(
-                    dir,
-                    entry.id,
-                    manifest.size,
-                    opts.direct,
-                    &manifest.volume_id,
-                )?
+                Layer::open_head(dir, entry.id, manifest.size, direct, &manifest.volume_id)?
             } else {
-                Layer::open_frozen(dir, entry.id, manifest.size, opts.direct)?
+                Layer::open_frozen(dir, entry.id, manifest.size, direct)?
             };
             layers.push(Arc::new(l));
         }
@@ -250,14 +245,17 @@ impl Volume {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| dir.display().to_string());
-        tracing::debug!(volume = %name, layers = layers.len(), snapshots = manifest.snapshots.len(), "opened volume");
+        tracing::debug!(volume = %name, layers = layers.len(), snapshots = manifest.snapshots.len(), direct, "opened volume");
+        if opts.direct && !direct {
+            tracing::info!(volume = %name, block_size = manifest.block_size, "layer files use the page cache: the file system's direct I/O alignment does not fit the volume's block size");
+        }
         Ok(Volume {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 name,
                 size: manifest.size,
                 block_size: manifest.block_size,
-                direct: opts.direct,
+                direct,
                 stack: RwLock::new(layers.into()),
                 meta: Mutex::new(Meta {
                     next_layer_id: manifest.next_layer_id,
@@ -267,6 +265,11 @@ impl Volume {
                 _lock: lock,
             }),
         })
+    }
+
+    /// Whether layer files bypass the page cache (O_DIRECT).
+    pub fn direct_io(&self) -> bool {
+        self.inner.direct
     }
 
     /// Size in bytes.

@@ -22,7 +22,7 @@ use libublk::{sys, UblkFlags};
 use parking_lot::Mutex;
 use tracing::{error, info, info_span, warn, Span};
 
-use crate::engine::{EngineError, SnapshotView, Volume};
+use crate::engine::{EngineError, SnapshotView, Volume, VolumeOpenOptions};
 
 use super::error::{describe_ublk_error, Result, UblkLayerError};
 use super::features::{self, DataMode};
@@ -64,6 +64,8 @@ pub struct ServeOptions {
     pub recover: bool,
     /// Use copy mode even if the driver offers zero copy.
     pub force_copy: bool,
+    /// Read and write layer files through the page cache instead of with O_DIRECT.
+    pub buffered: bool,
 }
 
 /// A device that is up and serving, as reported to the caller once.
@@ -158,6 +160,7 @@ where
     info!(
         size = volume.size(),
         block_size = volume.block_size(),
+        direct_io = volume.direct_io(),
         path = %volume_dir.display(),
         "opened volume"
     );
@@ -315,7 +318,13 @@ where
 fn open_volume(opts: &ServeOptions) -> Result<Volume> {
     let deadline = Instant::now() + RECOVER_LOCK_WAIT;
     loop {
-        match Volume::open(&opts.volume_dir) {
+        // Direct I/O by default, as a block device server should: no second copy of
+        // the data in the page cache, and reads and writes complete on the ring
+        // instead of waiting for io_uring's worker threads.
+        let open = VolumeOpenOptions {
+            direct: !opts.buffered,
+        };
+        match Volume::open_with(&opts.volume_dir, &open) {
             Ok(v) => return Ok(v),
             Err(EngineError::Busy { .. }) if opts.recover && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(100));

@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
@@ -43,16 +44,21 @@ impl Wake for TaskWaker {
     }
 }
 
-/// One slot of the executor: the future (None once finished) and its waker.
+/// One slot of the executor: the future (None once finished) and its waker, built once
+/// (polling lends it, so a poll costs no reference counting).
 struct Slot<'a> {
     future: Option<Task<'a>>,
-    waker: Arc<TaskWaker>,
+    task_waker: Arc<TaskWaker>,
+    waker: Rc<Waker>,
 }
 
 /// Runs the tasks of one queue thread; see the module documentation.
 pub struct LocalExecutor<'a> {
     slots: RefCell<Vec<Slot<'a>>>,
     ready: Arc<ReadyList>,
+    /// The other half of the ready list, swapped in and out so that a run allocates
+    /// nothing.
+    spare: RefCell<Vec<usize>>,
     live: std::cell::Cell<usize>,
 }
 
@@ -68,6 +74,7 @@ impl<'a> LocalExecutor<'a> {
         LocalExecutor {
             slots: RefCell::new(Vec::new()),
             ready: Arc::new(ReadyList::default()),
+            spare: RefCell::new(Vec::new()),
             live: std::cell::Cell::new(0),
         }
     }
@@ -76,14 +83,15 @@ impl<'a> LocalExecutor<'a> {
     pub fn spawn(&self, fut: impl Future<Output = ()> + 'a) {
         let mut slots = self.slots.borrow_mut();
         let id = slots.len();
-        let waker = Arc::new(TaskWaker {
+        let task_waker = Arc::new(TaskWaker {
             id,
             queued: AtomicBool::new(true),
             ready: self.ready.clone(),
         });
         slots.push(Slot {
             future: Some(Box::pin(fut)),
-            waker,
+            waker: Rc::new(Waker::from(task_waker.clone())),
+            task_waker,
         });
         self.ready.ids.lock().push(id);
         self.live.set(self.live.get() + 1);
@@ -92,16 +100,20 @@ impl<'a> LocalExecutor<'a> {
     /// Polls every woken task until none is left ready; returns how many polls ran.
     pub fn run_ready(&self) -> usize {
         let mut polled = 0;
+        let mut ids = std::mem::take(&mut *self.spare.borrow_mut());
         loop {
-            let ids = std::mem::take(&mut *self.ready.ids.lock());
+            std::mem::swap(&mut *self.ready.ids.lock(), &mut ids);
             if ids.is_empty() {
-                return polled;
+                break;
             }
-            for id in ids {
+            for &id in &ids {
                 polled += 1;
                 self.poll_one(id);
             }
+            ids.clear();
         }
+        *self.spare.borrow_mut() = ids;
+        polled
     }
 
     /// Polls task `id` once, if it is still alive.
@@ -112,15 +124,14 @@ impl<'a> LocalExecutor<'a> {
             let Some(slot) = slots.get_mut(id) else {
                 return;
             };
-            slot.waker.queued.store(false, Ordering::Release);
+            slot.task_waker.queued.store(false, Ordering::Release);
             match slot.future.take() {
                 Some(f) => (f, slot.waker.clone()),
                 None => return,
             }
         };
         let mut fut = fut;
-        let w = Waker::from(waker);
-        let mut cx = Context::from_waker(&w);
+        let mut cx = Context::from_waker(&waker);
         match fut.as_mut().poll(&mut cx) {
             Poll::Ready(()) => {
                 self.live.set(self.live.get().saturating_sub(1));

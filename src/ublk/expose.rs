@@ -136,6 +136,7 @@ pub fn expose(
         depth: opts.depth,
         recover: false,
         force_copy: opts.force_copy,
+        buffered: false,
     };
     check_options(&serve_opts)?;
     let volume_dir =

@@ -15,6 +15,7 @@ use libublk::UblkUringData;
 use tracing::{debug, warn};
 
 use crate::engine::{EngineError, ReadSegment, ReadSource, SnapshotView, Volume};
+use smallvec::SmallVec;
 
 use super::features::DataMode;
 use super::worker::{decode_result, BlockingOp, Completion, WorkSubmitter};
@@ -73,6 +74,9 @@ enum Dir {
 /// One part of a transfer: where in the request's buffer, how long, which file.
 type Piece = ReadSegment;
 
+/// The parts of one transfer, inline up to four: no allocation per request.
+type Pieces = SmallVec<[Piece; 4]>;
+
 /// What the tag tasks of one queue share to serve requests. Ring ops go to the
 /// calling thread's io_uring (the queue's ring, set up by libublk).
 pub struct IoCtx {
@@ -93,6 +97,53 @@ pub struct IoCtx {
 /// A negative errno for an engine error.
 fn neg_errno(e: &EngineError) -> i32 {
     -e.errno().abs().max(1)
+}
+
+/// What to do after one ring op of a transfer completed with `res`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The piece is done.
+    Done,
+    /// The request fails with this -errno.
+    Failed(i32),
+    /// Move this (rest of the) piece again: EAGAIN/EINTR, a short transfer, or the end
+    /// of a layer file (the rest reads as zeros).
+    Again(Piece),
+}
+
+/// Decides what follows op result `res` for piece `p`.
+fn outcome(dir: Dir, p: &Piece, res: i32) -> Outcome {
+    match res {
+        r if r == -libc::EAGAIN || r == -libc::EINTR => Outcome::Again(*p),
+        r if r < 0 => {
+            warn!(?dir, source = ?p.source, len = p.len, res = r, "backing I/O failed");
+            Outcome::Failed(r)
+        }
+        0 => match (dir, p.source) {
+            (Dir::Read, ReadSource::File { .. }) => Outcome::Again(Piece {
+                source: ReadSource::Zero,
+                ..*p
+            }),
+            _ => Outcome::Failed(-libc::EIO),
+        },
+        r => {
+            let done = u64::try_from(r).unwrap_or(0);
+            if done >= p.len {
+                return Outcome::Done;
+            }
+            Outcome::Again(Piece {
+                buf_offset: p.buf_offset + done,
+                len: p.len - done,
+                source: match p.source {
+                    ReadSource::File { fd, offset } => ReadSource::File {
+                        fd,
+                        offset: offset + done,
+                    },
+                    ReadSource::Zero => ReadSource::Zero,
+                },
+            })
+        }
+    }
 }
 
 /// Byte count as a request result (requests are at most a few MiB).
@@ -302,11 +353,35 @@ impl IoCtx {
     /// transfers and EAGAIN. Returns 0 or the first -errno, always after every op
     /// submitted has completed (the buffer must not be reused while one is running).
     async fn transfer(&self, dir: Dir, buf: DataBuf, pieces: &[Piece]) -> i32 {
-        let mut retries = 0;
+        // The common request is one piece: one op, no bookkeeping.
+        if let [p] = pieces {
+            let sqe = match self.build_op(dir, buf, p) {
+                Ok(Some(sqe)) => sqe,
+                Ok(None) => return 0,
+                Err(e) => return e,
+            };
+            let res = submit_op(sqe).await;
+            return match outcome(dir, p, res) {
+                Outcome::Done => 0,
+                Outcome::Failed(e) => e,
+                Outcome::Again(rest) => Box::pin(self.transfer_all(dir, buf, &[rest], 1)).await,
+            };
+        }
+        // Boxed: the general case's state stays out of every request's future, which
+        // is moved and polled on the fast path.
+        Box::pin(self.transfer_all(dir, buf, pieces, 0)).await
+    }
+
+    /// The general case of [`IoCtx::transfer`], `retries` already spent.
+    async fn transfer_all(&self, dir: Dir, buf: DataBuf, pieces: &[Piece], retries: u32) -> i32 {
+        let mut retries = retries;
         let mut first_err = 0;
-        let mut pending = pieces.to_vec();
+        let mut pending = Pieces::from_slice(pieces);
         while !pending.is_empty() && first_err == 0 {
-            let mut inflight = Vec::with_capacity(pending.len());
+            if retries > MAX_RETRIES {
+                return -libc::EAGAIN;
+            }
+            let mut inflight: SmallVec<[(Piece, UblkUringOpFuture); 4]> = SmallVec::new();
             for p in pending.drain(..) {
                 match self.build_op(dir, buf, &p) {
                     Ok(Some(sqe)) => inflight.push((p, submit_op(sqe))),
@@ -317,53 +392,23 @@ impl IoCtx {
                     }
                 }
             }
+            let mut again = false;
             for (p, fut) in inflight {
                 let res = fut.await;
                 if first_err != 0 {
                     continue;
                 }
-                match res {
-                    r if r < 0 && (r == -libc::EAGAIN || r == -libc::EINTR) => {
-                        retries += 1;
-                        if retries > MAX_RETRIES {
-                            first_err = r;
-                        } else {
-                            pending.push(p);
-                        }
-                    }
-                    r if r < 0 => {
-                        warn!(?dir, source = ?p.source, len = p.len, res = r, "backing I/O failed");
-                        first_err = r;
-                    }
-                    0 if dir == Dir::Read => {
-                        // End of a layer file: the rest of the part reads as zeros.
-                        if let ReadSource::File { .. } = p.source {
-                            pending.push(Piece {
-                                source: ReadSource::Zero,
-                                ..p
-                            });
-                        } else {
-                            first_err = -libc::EIO;
-                        }
-                    }
-                    0 => first_err = -libc::EIO,
-                    r => {
-                        let done = u64::try_from(r).unwrap_or(0);
-                        if done < p.len {
-                            pending.push(Piece {
-                                buf_offset: p.buf_offset + done,
-                                len: p.len - done,
-                                source: match p.source {
-                                    ReadSource::File { fd, offset } => ReadSource::File {
-                                        fd,
-                                        offset: offset + done,
-                                    },
-                                    ReadSource::Zero => ReadSource::Zero,
-                                },
-                            });
-                        }
+                match outcome(dir, &p, res) {
+                    Outcome::Done => {}
+                    Outcome::Failed(e) => first_err = e,
+                    Outcome::Again(rest) => {
+                        again = true;
+                        pending.push(rest);
                     }
                 }
+            }
+            if again {
+                retries += 1;
             }
         }
         first_err
@@ -437,6 +482,41 @@ mod tests {
             addr: 0,
         };
         assert!(!Request::from_iod(&iod).fua());
+    }
+
+    #[test]
+    fn outcomes_of_ring_results() {
+        let p = Piece {
+            buf_offset: 4096,
+            len: 8192,
+            source: ReadSource::File { fd: 3, offset: 0 },
+        };
+        assert_eq!(outcome(Dir::Read, &p, 8192), Outcome::Done);
+        assert_eq!(outcome(Dir::Read, &p, -libc::EAGAIN), Outcome::Again(p));
+        assert_eq!(
+            outcome(Dir::Write, &p, -libc::EIO),
+            Outcome::Failed(-libc::EIO)
+        );
+        assert_eq!(
+            outcome(Dir::Read, &p, 4096),
+            Outcome::Again(Piece {
+                buf_offset: 8192,
+                len: 4096,
+                source: ReadSource::File {
+                    fd: 3,
+                    offset: 4096
+                },
+            })
+        );
+        // The end of a layer file: the rest reads as zeros; a write there is an error.
+        assert_eq!(
+            outcome(Dir::Read, &p, 0),
+            Outcome::Again(Piece {
+                source: ReadSource::Zero,
+                ..p
+            })
+        );
+        assert_eq!(outcome(Dir::Write, &p, 0), Outcome::Failed(-libc::EIO));
     }
 
     #[test]

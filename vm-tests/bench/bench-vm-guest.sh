@@ -39,11 +39,14 @@ Usage: bench-vm-guest.sh --rublk PATH [options]   (inside the test VM)
   --order ORDER      jobs (default): every device live at once, each job run on every
                      device in turn (so that drifting host load hits all alike);
                      devices: one device at a time, all its jobs, removed before the next
+  --jobs LIST        only these jobs, comma-separated names (default: all six:
+                     randread-4k-qd1,randread-4k-qd32,seqread-128k-qd32,
+                     randwrite-4k-qd1,randwrite-4k-qd32,seqwrite-128k-qd32)
   -h, --help         show this help
 EOF
 }
 
-RUBLK="" RUNTIME=10 RAMP=2 SIZE_MIB=512 QUEUES=2 DEPTH=128 ROUNDS=1 BACKING=auto ORDER=jobs
+ONLY_JOBS="" RUBLK="" RUNTIME=10 RAMP=2 SIZE_MIB=512 QUEUES=2 DEPTH=128 ROUNDS=1 BACKING=auto ORDER=jobs
 need_arg() { [ "$#" -ge 2 ] || { echo "bench-vm-guest: option $1 needs a value" >&2; exit 2; }; }
 while [ "$#" -gt 0 ]; do
     case "$1" in
@@ -56,6 +59,7 @@ while [ "$#" -gt 0 ]; do
         --rounds) need_arg "$@"; ROUNDS="$2"; shift ;;
         --backing) need_arg "$@"; BACKING="$2"; shift ;;
         --order) need_arg "$@"; ORDER="$2"; shift ;;
+        --jobs) need_arg "$@"; ONLY_JOBS="$2"; shift ;;
         -h | --help) usage; exit 0 ;;
         *) echo "bench-vm-guest: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -90,6 +94,14 @@ JOBS=(
     "randwrite-4k-qd32 randwrite 4k 32"
     "seqwrite-128k-qd32 write 128k 32"
 )
+if [ -n "$ONLY_JOBS" ]; then
+    kept=()
+    for job in "${JOBS[@]}"; do
+        [[ ",$ONLY_JOBS," == *",${job%% *},"* ]] && kept+=("$job")
+    done
+    [ "${#kept[@]}" -gt 0 ] || fail "--jobs $ONLY_JOBS names no known job"
+    JOBS=("${kept[@]}")
+fi
 TARGETS=(loop rublk-copy snapblk-copy rublk-zc snapblk-zc)
 declare -A DEV=() STATE=() REASON=() NOTE=() LOOPDEV=() RUBLKID=() SERVEPID=()
 
@@ -391,9 +403,33 @@ target_failed() {
     STATE[$t]=failed
 }
 
+# daemon_pids T: the processes of T's server in user space (none for loop).
+daemon_pids() {
+    case "$1" in
+        snapblk-*) echo "${SERVEPID[$1]:-}" ;;
+        rublk-*) pgrep -f -- "$BACKDIR/$1.img" || true ;;
+    esac
+}
+
+# cpu_ticks PID...: user + system clock ticks these processes (all their threads) used.
+cpu_ticks() {
+    local total=0 p v
+    for p in "$@"; do
+        v="$(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null)" || continue
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
+}
+
 # run_job T NAME RW BS QD: one measured job on T; appends its row to results.tsv.
+# Besides IOPS, the row has the server's CPU time per request in microseconds (user
+# space servers only), over ramp and run alike.
 run_job() {
     local t="$1" name="$2" rw="$3" bs="$4" qd="$5" out="$RESULTS/fio/r$ROUND-$1-$2.txt" row iops kib
+    local -a pids
+    local ticks0 ticks cpu_us=""
+    read -r -a pids <<<"$(daemon_pids "$t" | tr '\n' ' ')"
+    ticks0="$(cpu_ticks "${pids[@]}")"
     if ! timeout -k 10 $((RUNTIME + RAMP + 120)) fio --name="$name" --filename="${DEV[$t]}" "${FIO_COMMON[@]}" \
         --rw="$rw" --bs="$bs" --iodepth="$qd" --norandommap \
         --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
@@ -416,8 +452,13 @@ run_job() {
         target_failed "$t"
         return 0
     fi
-    printf '%s\t%s\t%s\tok\t%s\t%s\t%s\n' "$ROUND" "$t" "$name" "$iops" "$kib" "${NOTE[$t]}" >>"$TSV"
-    info "  $t: $name: $iops IOPS, $((kib / 1024)) MiB/s"
+    ticks=$(($(cpu_ticks "${pids[@]}") - ticks0))
+    if [ "${#pids[@]}" -gt 0 ]; then
+        cpu_us="$(awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" -v iops="$iops" -v secs=$((RUNTIME + RAMP)) \
+            'BEGIN { printf "%.1f", t / hz * 1e6 / (iops * secs) }')"
+    fi
+    printf '%s\t%s\t%s\tok\t%s\t%s\t%s\t%s\n' "$ROUND" "$t" "$name" "$iops" "$kib" "${NOTE[$t]}" "$cpu_us" >>"$TSV"
+    info "  $t: $name: $iops IOPS, $((kib / 1024)) MiB/s${cpu_us:+, server CPU $cpu_us us per request}"
 }
 
 # ---- main ---------------------------------------------------------------------
