@@ -77,18 +77,36 @@ pub fn thaw(path: &Path) -> Result<Thawed, CtlError> {
 /// The mount points to freeze for device `major:minor` (or the one the caller named),
 /// one per file system, after refusing what cannot be frozen.
 pub fn targets(dev: (u32, u32), named: Option<&Path>) -> Result<Vec<PathBuf>, CtlError> {
-    let io = |e: std::io::Error| {
-        CtlError::new(ErrorCode::Io, format!("reading /proc/self/mountinfo: {e}"))
-    };
-    let mounts: Vec<Mount> = match named {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| CtlError::new(ErrorCode::Io, format!("reading /proc/self/mountinfo: {e}")))?;
+    choose_targets(
+        &mountinfo::parse(&text),
+        &mountinfo::nfs_exports(),
+        dev,
+        named,
+    )
+}
+
+/// [`targets`] over a parsed mount table and the NFS export list.
+fn choose_targets(
+    table: &[Mount],
+    exports: &[PathBuf],
+    dev: (u32, u32),
+    named: Option<&Path>,
+) -> Result<Vec<PathBuf>, CtlError> {
+    let mounts: Vec<&Mount> = match named {
         Some(p) => {
-            let m = mountinfo::at(p).map_err(io)?.ok_or_else(|| {
-                CtlError::new(
-                    ErrorCode::NotFound,
-                    format!("{} is not a mount point", p.display()),
-                )
-            })?;
-            if mountinfo::is_nfs(&m) {
+            let m = table
+                .iter()
+                .rev()
+                .find(|m| m.mount_point == p)
+                .ok_or_else(|| {
+                    CtlError::new(
+                        ErrorCode::NotFound,
+                        format!("{} is not a mount point", p.display()),
+                    )
+                })?;
+            if mountinfo::is_nfs(m) {
                 return Err(nfs_refusal(&format!(
                     "{} is an NFS client mount",
                     p.display()
@@ -108,9 +126,8 @@ pub fn targets(dev: (u32, u32), named: Option<&Path>) -> Result<Vec<PathBuf>, Ct
             }
             vec![m]
         }
-        None => mountinfo::of_device(dev.0, dev.1).map_err(io)?,
+        None => table.iter().filter(|m| (m.major, m.minor) == dev).collect(),
     };
-    let exports = mountinfo::nfs_exports();
     for m in &mounts {
         if let Some(e) = exports.iter().find(|e| e.starts_with(&m.mount_point)) {
             return Err(nfs_refusal(&format!(
@@ -120,7 +137,11 @@ pub fn targets(dev: (u32, u32), named: Option<&Path>) -> Result<Vec<PathBuf>, Ct
         }
     }
     // All mounts of one device share one file system: freezing one freezes all.
-    Ok(mounts.into_iter().take(1).map(|m| m.mount_point).collect())
+    Ok(mounts
+        .into_iter()
+        .take(1)
+        .map(|m| m.mount_point.clone())
+        .collect())
 }
 
 fn nfs_refusal(what: &str) -> CtlError {
@@ -340,6 +361,64 @@ pub fn thaw_leftovers(marker: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TABLE: &str = "\
+22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/vda2 rw
+95 22 259:7 / /mnt/data rw,relatime shared:40 - xfs /dev/ublkb0 rw,attr2
+96 22 259:7 /sub /var/lib/kubelet/pods/x/volumes/v rw - xfs /dev/ublkb0 rw
+97 22 0:55 / /mnt/nfs rw,relatime shared:41 - nfs4 server:/export rw,vers=4.2
+";
+
+    fn choose(exports: &[&str], named: Option<&str>) -> Result<Vec<PathBuf>, CtlError> {
+        let table = mountinfo::parse(TABLE);
+        let exports: Vec<PathBuf> = exports.iter().map(PathBuf::from).collect();
+        choose_targets(&table, &exports, (259, 7), named.map(Path::new))
+    }
+
+    #[test]
+    fn one_mount_per_file_system_is_frozen() {
+        assert_eq!(
+            choose(&[], None).expect("ok"),
+            vec![PathBuf::from("/mnt/data")]
+        );
+        assert_eq!(
+            choose(&["/srv/other"], Some("/mnt/data")).expect("ok"),
+            vec![PathBuf::from("/mnt/data")]
+        );
+        let table = mountinfo::parse(TABLE);
+        assert!(choose_targets(&table, &[], (259, 9), None)
+            .expect("ok")
+            .is_empty());
+    }
+
+    #[test]
+    fn nfs_consumers_are_refused_with_the_way_out() {
+        for (exports, named, what) in [
+            (vec!["/mnt/data/share"], None, "exported over NFS"),
+            (vec!["/mnt/data"], Some("/mnt/data"), "exported over NFS"),
+            (vec![], Some("/mnt/nfs"), "is an NFS client mount"),
+        ] {
+            let e = choose(&exports, named).expect_err("refused");
+            assert_eq!(e.code, ErrorCode::NfsNotFreezable, "{e:?}");
+            assert!(e.message.contains(what), "{}", e.message);
+            assert!(e.message.contains("--freeze none"), "{}", e.message);
+            assert!(e.message.contains("ReadWriteMany"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn a_foreign_or_missing_mount_is_refused() {
+        let e = choose(&[], Some("/")).expect_err("foreign");
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert!(
+            e.message.contains("not mounted from this volume's device"),
+            "{}",
+            e.message
+        );
+        let e = choose(&[], Some("/nowhere")).expect_err("missing");
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert!(e.message.contains("is not a mount point"), "{}", e.message);
+    }
 
     #[test]
     fn freezing_an_unfreezable_file_system_is_refused_clearly() {
