@@ -424,16 +424,25 @@ fn wait_for_stop(exited: &AtomicUsize, nr_queues: usize) -> StopReason {
             info!(signal = signals::signal_name(sig), "stopping");
             return StopReason::Signal(sig);
         }
-        let n = exited.load(Ordering::Acquire);
-        if n > 0 {
-            error!(
-                queues = n,
-                of = nr_queues,
-                "queue thread(s) ended on their own; stopping the device"
-            );
-            return StopReason::QueuesEnded(n);
+        if let Some(ended) = queues_ended(exited, nr_queues) {
+            return ended;
         }
     }
+}
+
+/// `QueuesEnded` (logged) once a queue thread has ended on its own: the device cannot
+/// serve all its queues any more and must stop.
+pub(super) fn queues_ended(exited: &AtomicUsize, nr_queues: usize) -> Option<StopReason> {
+    let n = exited.load(Ordering::Acquire);
+    if n == 0 {
+        return None;
+    }
+    error!(
+        queues = n,
+        of = nr_queues,
+        "queue thread(s) ended on their own; stopping the device"
+    );
+    Some(StopReason::QueuesEnded(n))
 }
 
 /// Stops the device while the queues still serve (the kernel flushes a mounted file

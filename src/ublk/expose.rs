@@ -6,7 +6,7 @@
 //! it ([`remove_leftovers`]). Exposing again after a restart is the caller's choice.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -18,8 +18,8 @@ use tracing::{error, info, info_span, warn};
 use crate::engine::{SnapshotView, Volume};
 
 use super::device::{
-    abandon_device, add_ctrl, check_options, remove_device, run_device, DeviceSpec, ServeOptions,
-    StopReason,
+    abandon_device, add_ctrl, check_options, queues_ended, remove_device, run_device, DeviceSpec,
+    ServeOptions, StopReason,
 };
 use super::error::{describe_ublk_error, Result, UblkLayerError};
 use super::features::DataMode;
@@ -250,14 +250,8 @@ fn wait_for_unexpose(stop: &Receiver<()>, exited: &AtomicUsize, nr_queues: usize
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return StopReason::Asked,
             Err(RecvTimeoutError::Timeout) => {}
         }
-        let n = exited.load(Ordering::Acquire);
-        if n > 0 {
-            error!(
-                queues = n,
-                of = nr_queues,
-                "queue thread(s) of the snapshot device ended on their own"
-            );
-            return StopReason::QueuesEnded(n);
+        if let Some(ended) = queues_ended(exited, nr_queues) {
+            return ended;
         }
     }
 }

@@ -596,18 +596,23 @@ mod tests {
         }
 
         fn req(&self, op: u32, offset: u64, len: u64, buf: &mut [u8]) -> i32 {
-            let data = DataBuf::Copy {
-                ptr: buf.as_mut_ptr(),
-                len: buf.len(),
-            };
-            let r = Request {
-                op,
-                flags: op,
-                offset,
-                len,
-            };
-            run(self.ctx.handle(0, r, data))
+            call(&self.ctx, op, offset, len, buf)
         }
+    }
+
+    /// Serves one request of `op` through `ctx` with `buf` as the tag's buffer.
+    fn call(ctx: &IoCtx, op: u32, offset: u64, len: u64, buf: &mut [u8]) -> i32 {
+        let data = DataBuf::Copy {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        };
+        let r = Request {
+            op,
+            flags: op,
+            offset,
+            len,
+        };
+        run(ctx.handle(0, r, data))
     }
 
     impl Drop for Fixture {
@@ -675,19 +680,8 @@ mod tests {
             DataMode::Copy,
             None,
         );
-        let call = |op: u32, offset: u64, len: u64, buf: &mut [u8]| {
-            let data = DataBuf::Copy {
-                ptr: buf.as_mut_ptr(),
-                len: buf.len(),
-            };
-            let r = Request {
-                op,
-                flags: op,
-                offset,
-                len,
-            };
-            run(ctx.handle(0, r, data))
-        };
+        let call =
+            |op: u32, offset: u64, len: u64, buf: &mut [u8]| call(&ctx, op, offset, len, buf);
         let mut buf = vec![0u8; 8192];
         assert_eq!(call(sys::UBLK_IO_OP_READ, 0, 8192, &mut buf), 8192);
         assert_eq!(buf, old, "the snapshot device must read the snapshot");
