@@ -260,22 +260,8 @@ fn wait_for_unexpose(stop: &Receiver<()>, exited: &AtomicUsize, nr_queues: usize
 /// (they no longer serve anything). Returns how many were deleted.
 pub fn remove_leftovers(volume_dir: &Path) -> usize {
     let run_dir = recover::run_dir();
-    let Ok(entries) = std::fs::read_dir(&run_dir) else {
-        return 0;
-    };
     let mut removed = 0;
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(id) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(".json"))
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Some(json) = recover::read_device_json(&run_dir, id) else {
-            continue;
-        };
+    for (id, json) in recover::device_jsons(&run_dir) {
         let Some(t) = json.get("target_data").and_then(|t| t.get(JSON_KEY)) else {
             continue;
         };
@@ -294,7 +280,7 @@ pub fn remove_leftovers(volume_dir: &Path) -> usize {
                     "deleting a snapshot device left by a daemon that died; expose it again if needed"
                 );
                 remove_device(&ctrl);
-                let _ = std::fs::remove_file(run_dir.join(&name));
+                let _ = std::fs::remove_file(run_dir.join(format!("{id:04}.json")));
                 removed += 1;
             }
             Err(err) => {

@@ -35,19 +35,27 @@ pub fn read_device_json(run_dir: &Path, id: u32) -> Option<Value> {
     serde_json::from_str(&text).ok()
 }
 
-/// Ids of the devices whose json under `run_dir` names `volume_dir`, ascending.
-pub fn find_devices_for_volume(run_dir: &Path, volume_dir: &Path) -> Vec<u32> {
+/// Every device json under `run_dir` (files `NNNN.json`), with its device id.
+pub fn device_jsons(run_dir: &Path) -> Vec<(u32, Value)> {
     let Ok(entries) = std::fs::read_dir(run_dir) else {
         return Vec::new();
     };
-    let mut ids: Vec<u32> = entries
+    entries
         .flatten()
         .filter_map(|e| {
             let name = e.file_name();
             let id: u32 = name.to_str()?.strip_suffix(".json")?.parse().ok()?;
-            let v = read_device_json(run_dir, id)?;
-            (volume_of_device_json(&v)? == volume_dir).then_some(id)
+            Some((id, read_device_json(run_dir, id)?))
         })
+        .collect()
+}
+
+/// Ids of the devices whose json under `run_dir` names `volume_dir`, ascending.
+pub fn find_devices_for_volume(run_dir: &Path, volume_dir: &Path) -> Vec<u32> {
+    let mut ids: Vec<u32> = device_jsons(run_dir)
+        .into_iter()
+        .filter(|(_, v)| volume_of_device_json(v).as_deref() == Some(volume_dir))
+        .map(|(id, _)| id)
         .collect();
     ids.sort_unstable();
     ids
