@@ -3,14 +3,14 @@
 //! queue's own ring. It knows nothing of the snapshot format.
 //!
 //! - [`device`]: add or recover the device, serve until SIGTERM/SIGINT, stop and delete.
-//! - [`queue`] / [`io`]: one thread per queue, one task per tag, one request at a time.
+//! - [`queue`] / [`tags`] / [`io`]: one thread per queue; each tag a state machine
+//!   driven by the queue's ring completions, one request at a time.
 //! - [`worker`]: blocking engine calls (flush, discard, write zeroes) off the queues.
 //! - [`expose`]: a snapshot as a read-only device beside the volume's.
 //! - [`features`]: zero copy (`UBLK_F_AUTO_BUF_REG`, 6.16+) or copy mode.
 
 pub mod device;
 pub mod error;
-pub mod executor;
 pub mod expose;
 pub mod features;
 pub mod io;
@@ -19,6 +19,7 @@ pub mod params;
 pub mod queue;
 pub mod recover;
 pub mod signals;
+pub mod tags;
 pub mod worker;
 
 pub use device::{default_queues, serve, ServeOptions, ServingDevice, CONTROL_PATH};

@@ -1,25 +1,26 @@
-//! The body of one queue thread: a task per tag that fetches a request, serves it and
-//! commits the result, all driven by the queue's own io_uring (no blocking syscall).
+//! The body of one queue thread: fetch commands for every tag, then one loop that waits
+//! on the queue's own io_uring and hands each completion to the tag state machines
+//! ([`super::tags`]), which commit results as requests finish. No blocking syscall but
+//! the ring wait.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libublk::helpers::IoBuf;
-use libublk::io::{with_task_io_ring_mut, UblkDev, UblkQueue};
-use libublk::uring_async::{ublk_reap_io_events_with_update_queue, ublk_wake_task};
-use libublk::{sys, BufDesc, UblkError};
+use libublk::io::{with_task_io_ring_mut, BufDescList, UblkDev, UblkQueue};
+use libublk::uring_async::ublk_reap_io_events_with_update_queue;
+use libublk::{sys, BufDesc, UblkIORes};
 use tracing::{debug, error, info_span, warn, Span};
 
 use crate::engine::{SnapshotView, Volume};
 
 use super::error::describe_ublk_error;
-use super::executor::LocalExecutor;
 use super::features::DataMode;
 use super::io::{DataBuf, IoCtx, Request};
+use super::tags::{Finish, TagTable, TARGET_OP};
 use super::worker::{mark_io_flusher, WorkSubmitter};
 
 /// How long a stopping queue waits for its last tasks before giving up on them.
@@ -73,7 +74,7 @@ fn open_devzero() -> std::io::Result<OwnedFd> {
 
 fn serve_queue(qid: u16, dev: &UblkDev, setup: &QueueSetup) {
     let q = match UblkQueue::new(qid, dev) {
-        Ok(q) => Rc::new(q),
+        Ok(q) => q,
         Err(e) => {
             error!(error = %describe_ublk_error(&e), "cannot set up the queue");
             // Copy mode: make START_DEV fail instead of waiting for our buffers forever.
@@ -91,106 +92,122 @@ fn serve_queue(qid: u16, dev: &UblkDev, setup: &QueueSetup) {
         },
         DataMode::Copy => None,
     };
-    let ctx = Rc::new(IoCtx::new(
+    let ctx = IoCtx::new(
         setup.volume.clone(),
         setup.snapshot.clone(),
         setup.work.clone(),
         setup.mode,
         devzero,
-    ));
-    let exe = LocalExecutor::new();
-    for tag in q.tags() {
-        let ctx = ctx.clone();
-        let q = q.clone();
-        exe.spawn(async move {
-            let r = match ctx.mode {
-                DataMode::Copy => copy_task(&q, &ctx, tag).await,
-                DataMode::ZeroCopy => zero_copy_task(&q, &ctx, tag).await,
+    );
+    match setup.mode {
+        DataMode::Copy => {
+            // One buffer per tag that the driver copies request data through.
+            let bufs: Vec<IoBuf<u8>> = dev.alloc_queue_io_bufs();
+            let table = TagTable::new(
+                ctx,
+                bufs.iter().map(|b| DataBuf::Copy {
+                    ptr: b.as_mut_ptr(),
+                    len: b.len(),
+                }),
+            );
+            let q = match q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))) {
+                Ok(q) => q,
+                Err(e) => {
+                    error!(error = %describe_ublk_error(&e), "cannot fetch requests");
+                    return;
+                }
             };
-            match r {
-                Ok(()) | Err(UblkError::QueueIsDown) => {}
-                Err(e) => warn!(tag, error = %describe_ublk_error(&e), "tag task ended"),
+            let commit = CopyCommit { q: &q, bufs: &bufs };
+            if !event_loop(&q, &table, &commit) {
+                // Ops may still write into the buffers: never free them.
+                std::mem::forget(table);
+                std::mem::forget(bufs);
             }
-        });
-    }
-    event_loop(&q, &exe);
-}
-
-/// Serves requests of `tag` with a buffer of our own that the driver copies through.
-async fn copy_task(q: &UblkQueue<'_>, ctx: &IoCtx, tag: u16) -> Result<(), UblkError> {
-    let buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
-    let first = q
-        .submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
-        .await?;
-    check_fetch(first)?;
-    let data = DataBuf::Copy {
-        ptr: buf.as_mut_ptr(),
-        len: buf.len(),
-    };
-    loop {
-        let req = Request::from_iod(q.get_iod(tag));
-        let res = ctx.handle(tag, req, data).await;
-        let next = q
-            .submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
-            .await?;
-        check_fetch(next)?;
-    }
-}
-
-/// Serves requests of `tag` in zero-copy mode: the driver registers each request's
-/// pages at fixed-buffer index `tag` before handing it over, and unregisters them at
-/// commit.
-async fn zero_copy_task(q: &UblkQueue<'_>, ctx: &IoCtx, tag: u16) -> Result<(), UblkError> {
-    let reg = sys::ublk_auto_buf_reg {
-        index: tag,
-        flags: 0,
-        ..Default::default()
-    };
-    let first = q
-        .submit_io_prep_cmd(tag, BufDesc::AutoReg(reg), 0, None)
-        .await?;
-    check_fetch(first)?;
-    let data = DataBuf::Fixed { index: tag };
-    loop {
-        let req = Request::from_iod(q.get_iod(tag));
-        let res = ctx.handle(tag, req, data).await;
-        let next = q
-            .submit_io_commit_cmd(tag, BufDesc::AutoReg(reg), res)
-            .await?;
-        check_fetch(next)?;
+        }
+        DataMode::ZeroCopy => {
+            // The driver registers each request's pages at fixed-buffer index `tag`
+            // before handing it over, and unregisters them at commit.
+            let regs: Vec<sys::ublk_auto_buf_reg> = q
+                .tags()
+                .map(|tag| sys::ublk_auto_buf_reg {
+                    index: tag,
+                    flags: 0,
+                    ..Default::default()
+                })
+                .collect();
+            let table = TagTable::new(ctx, q.tags().map(|index| DataBuf::Fixed { index }));
+            let q = match q.submit_fetch_commands_unified(BufDescList::AutoRegs(&regs)) {
+                Ok(q) => q,
+                Err(e) => {
+                    error!(error = %describe_ublk_error(&e), "cannot fetch requests");
+                    return;
+                }
+            };
+            let commit = ZeroCopyCommit { q: &q, regs: &regs };
+            if !event_loop(&q, &table, &commit) {
+                std::mem::forget(table);
+            }
+        }
     }
 }
 
-/// A fetch result other than "request ready" ends the tag's task.
-fn check_fetch(res: i32) -> Result<(), UblkError> {
-    if res == sys::UBLK_IO_RES_OK as i32 {
-        Ok(())
-    } else if res == sys::UBLK_IO_RES_ABORT {
-        Err(UblkError::QueueIsDown)
-    } else {
-        Err(UblkError::OtherError(if res < 0 {
-            res
-        } else {
-            -libc::EPROTO
-        }))
+/// Commits copy-mode results: the driver copies read data out of the tag's buffer.
+struct CopyCommit<'a> {
+    q: &'a UblkQueue<'a>,
+    bufs: &'a [IoBuf<u8>],
+}
+
+impl Finish for CopyCommit<'_> {
+    fn finish(&self, tag: u16, res: i32) {
+        let Some(buf) = self.bufs.get(usize::from(tag)) else {
+            return;
+        };
+        commit(self.q, tag, BufDesc::Slice(buf.as_slice()), res);
     }
 }
 
-/// Waits on the ring, wakes the tasks whose ops completed, runs them; until every task
-/// has ended (the driver aborted the queue).
-fn event_loop(q: &UblkQueue<'_>, exe: &LocalExecutor<'_>) {
-    exe.run_ready();
+/// Commits zero-copy results: the driver unregisters the request's pages.
+struct ZeroCopyCommit<'a> {
+    q: &'a UblkQueue<'a>,
+    regs: &'a [sys::ublk_auto_buf_reg],
+}
+
+impl Finish for ZeroCopyCommit<'_> {
+    fn finish(&self, tag: u16, res: i32) {
+        let Some(reg) = self.regs.get(usize::from(tag)) else {
+            return;
+        };
+        commit(self.q, tag, BufDesc::AutoReg(*reg), res);
+    }
+}
+
+/// Queues COMMIT_AND_FETCH for `tag` with result `res`.
+fn commit(q: &UblkQueue<'_>, tag: u16, desc: BufDesc<'_>, res: i32) {
+    if let Err(e) = q.complete_io_cmd_unified(tag, desc, Ok(UblkIORes::Result(res))) {
+        // Only a descriptor that does not fit the device's mode; the request would
+        // hang, so make it loud.
+        error!(tag, error = %describe_ublk_error(&e), "cannot commit a request");
+    }
+}
+
+/// Waits on the ring and dispatches completions until the driver has ended every tag
+/// (device stopped or daemon replaced). Returns false if it gave up with requests
+/// still running, whose ops may yet complete into the tags' buffers.
+fn event_loop(q: &UblkQueue<'_>, table: &TagTable, fin: &impl Finish) -> bool {
+    // Tags whose fetch command has not come back with an abort.
+    let mut live = q.nr_tags() as usize;
+    let mut cqes: Vec<io_uring::cqueue::Entry> = Vec::with_capacity(2 * live);
     let mut stopping_since: Option<Instant> = None;
     let mut ring_errors = 0u32;
-    while !exe.is_done() {
+    while live > 0 {
         let stopping = q.is_stopping();
         if stopping && stopping_since.is_none() {
-            debug!(tasks = exe.live_tasks(), "queue stopping");
+            debug!(tags = live, busy = table.busy(), "queue stopping");
             stopping_since = Some(Instant::now());
         }
         let waited = with_task_io_ring_mut(|r| {
             if stopping {
-                // Once stopping, the last tasks may wait on worker calls: poll gently.
+                // Once stopping, the last requests may wait on worker calls: poll gently.
                 let ts = io_uring::types::Timespec::new().nsec(100_000_000);
                 let args = io_uring::types::SubmitArgs::new().timespec(&ts);
                 r.submitter().submit_with_args(1, &args)
@@ -210,24 +227,45 @@ fn event_loop(q: &UblkQueue<'_>, exe: &LocalExecutor<'_>) {
                 warn!(error = %e, "waiting on the queue ring failed");
                 if ring_errors > 100 {
                     error!("the queue ring keeps failing; giving up on this queue");
-                    return;
+                    return table.busy() == 0;
                 }
             }
         }
-        if let Err(e) = ublk_reap_io_events_with_update_queue(q, false, None, |cqe| {
-            ublk_wake_task(cqe.user_data(), cqe)
-        }) {
+        // Collected first: handling a completion queues new entries on the same ring.
+        cqes.clear();
+        if let Err(e) =
+            ublk_reap_io_events_with_update_queue(q, false, None, |cqe| cqes.push(cqe.clone()))
+        {
             warn!(error = %describe_ublk_error(&e), "reaping completions failed");
         }
-        exe.run_ready();
+        for cqe in &cqes {
+            let data = cqe.user_data();
+            let res = cqe.result();
+            if data & TARGET_OP != 0 {
+                table.complete(data, res, fin);
+                continue;
+            }
+            // A driver command: the tag has a new request, or it is done.
+            let tag = (data & 0xffff) as u16;
+            if res == sys::UBLK_IO_RES_OK as i32 && q.owns_tag(tag) {
+                table.start(tag, Request::from_iod(q.get_iod(tag)), fin);
+            } else {
+                live = live.saturating_sub(1);
+                if res != sys::UBLK_IO_RES_ABORT {
+                    warn!(tag, res, "the driver ended a tag with an unexpected result");
+                }
+            }
+        }
         if let Some(t) = stopping_since {
-            if t.elapsed() > STOP_GRACE && !exe.is_done() {
+            if t.elapsed() > STOP_GRACE && live > 0 {
                 error!(
-                    tasks = exe.live_tasks(),
+                    tags = live,
+                    busy = table.busy(),
                     "queue stopped but some requests never finished; leaving them"
                 );
-                return;
+                return table.busy() == 0;
             }
         }
     }
+    true
 }
