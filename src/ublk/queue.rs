@@ -3,6 +3,7 @@
 //! ([`super::tags`]), which commit results as requests finish. No blocking syscall but
 //! the ring wait.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -117,7 +118,11 @@ fn serve_queue(qid: u16, dev: &UblkDev, setup: &QueueSetup) {
                     return;
                 }
             };
-            let commit = CopyCommit { q: &q, bufs: &bufs };
+            let commit = Committer {
+                q: &q,
+                descs: Descs::Copy(&bufs),
+                unsent: Cell::new(0),
+            };
             if !event_loop(&q, &table, &commit) {
                 // Ops may still write into the buffers: never free them.
                 std::mem::forget(table);
@@ -143,7 +148,11 @@ fn serve_queue(qid: u16, dev: &UblkDev, setup: &QueueSetup) {
                     return;
                 }
             };
-            let commit = ZeroCopyCommit { q: &q, regs: &regs };
+            let commit = Committer {
+                q: &q,
+                descs: Descs::ZeroCopy(&regs),
+                unsent: Cell::new(0),
+            };
             if !event_loop(&q, &table, &commit) {
                 std::mem::forget(table);
             }
@@ -151,49 +160,63 @@ fn serve_queue(qid: u16, dev: &UblkDev, setup: &QueueSetup) {
     }
 }
 
-/// Commits copy-mode results: the driver copies read data out of the tag's buffer.
-struct CopyCommit<'a> {
-    q: &'a UblkQueue<'a>,
-    bufs: &'a [IoBuf<u8>],
+/// What the driver gets back with a tag's result.
+enum Descs<'a> {
+    /// Copy mode: the tag's buffer, which the driver copies read data out of.
+    Copy(&'a [IoBuf<u8>]),
+    /// Zero copy: the tag's auto-registration, undone by the driver at commit.
+    ZeroCopy(&'a [sys::ublk_auto_buf_reg]),
 }
 
-impl Finish for CopyCommit<'_> {
-    fn finish(&self, tag: u16, res: i32) {
-        let Some(buf) = self.bufs.get(usize::from(tag)) else {
-            return;
-        };
-        commit(self.q, tag, BufDesc::Slice(buf.as_slice()), res);
+/// Commits results to the driver (COMMIT_AND_FETCH), and counts the tags whose
+/// commit was not sent because the queue is stopping.
+struct Committer<'a> {
+    q: &'a UblkQueue<'a>,
+    descs: Descs<'a>,
+    /// Tags ended by a stop while their request was being served.
+    unsent: Cell<usize>,
+}
+
+impl Committer<'_> {
+    /// The count of unsent commits since the last call.
+    fn take_unsent(&self) -> usize {
+        self.unsent.replace(0)
     }
 }
 
-/// Commits zero-copy results: the driver unregisters the request's pages.
-struct ZeroCopyCommit<'a> {
-    q: &'a UblkQueue<'a>,
-    regs: &'a [sys::ublk_auto_buf_reg],
-}
-
-impl Finish for ZeroCopyCommit<'_> {
+impl Finish for Committer<'_> {
     fn finish(&self, tag: u16, res: i32) {
-        let Some(reg) = self.regs.get(usize::from(tag)) else {
+        // Once the queue is stopping, libublk drops commits (the driver has aborted
+        // the queue and fails or requeues what it handed out): the tag is done.
+        if self.q.is_stopping() {
+            self.unsent.set(self.unsent.get() + 1);
             return;
+        }
+        let desc = match self.descs {
+            Descs::Copy(bufs) => match bufs.get(usize::from(tag)) {
+                Some(b) => BufDesc::Slice(b.as_slice()),
+                None => return,
+            },
+            Descs::ZeroCopy(regs) => match regs.get(usize::from(tag)) {
+                Some(r) => BufDesc::AutoReg(*r),
+                None => return,
+            },
         };
-        commit(self.q, tag, BufDesc::AutoReg(*reg), res);
-    }
-}
-
-/// Queues COMMIT_AND_FETCH for `tag` with result `res`.
-fn commit(q: &UblkQueue<'_>, tag: u16, desc: BufDesc<'_>, res: i32) {
-    if let Err(e) = q.complete_io_cmd_unified(tag, desc, Ok(UblkIORes::Result(res))) {
-        // Only a descriptor that does not fit the device's mode; the request would
-        // hang, so make it loud.
-        error!(tag, error = %describe_ublk_error(&e), "cannot commit a request");
+        if let Err(e) = self
+            .q
+            .complete_io_cmd_unified(tag, desc, Ok(UblkIORes::Result(res)))
+        {
+            // Only a descriptor that does not fit the device's mode; the request would
+            // hang, so make it loud.
+            error!(tag, error = %describe_ublk_error(&e), "cannot commit a request");
+        }
     }
 }
 
 /// Waits on the ring and dispatches completions until the driver has ended every tag
 /// (device stopped or daemon replaced). Returns false if it gave up with requests
 /// still running, whose ops may yet complete into the tags' buffers.
-fn event_loop(q: &UblkQueue<'_>, table: &TagTable, fin: &impl Finish) -> bool {
+fn event_loop(q: &UblkQueue<'_>, table: &TagTable, fin: &Committer<'_>) -> bool {
     // Tags whose fetch command has not come back with an abort.
     let mut live = q.nr_tags() as usize;
     let mut cqes: Vec<io_uring::cqueue::Entry> = Vec::with_capacity(2 * live);
@@ -256,6 +279,7 @@ fn event_loop(q: &UblkQueue<'_>, table: &TagTable, fin: &impl Finish) -> bool {
                 }
             }
         }
+        live = live.saturating_sub(fin.take_unsent());
         if let Some(t) = stopping_since {
             if t.elapsed() > STOP_GRACE && live > 0 {
                 error!(

@@ -4,11 +4,13 @@
 # data written before, including buffered writes never explicitly synced. SIGTERM with
 # an ext4 still mounted must not hang either (libublk-rs issue 50): the kernel syncs
 # the file system, the daemon exits, and the device is freed once it is unmounted.
+# SIGTERM under a QD32 write load: requests being served when the queues stop must
+# hold neither the daemon nor the device back, and the volume serves again after.
 # timeout: 600
 set -euo pipefail
 . "$GUEST_LIB"
 
-need_cmd cmp mkfs.ext4 sha256sum
+need_cmd cmp mkfs.ext4 sha256sum fio
 load_ublk
 modprobe_mod ext4 || fail "cannot load ext4"
 
@@ -85,4 +87,35 @@ mount -t ext4 "$DEV" "$WORK/mnt"
 umount "$WORK/mnt"
 e2fsck -fn "$DEV" >"$RESULTS/fsck.txt" 2>&1 || fail "e2fsck found problems after a stop while mounted"
 info "files written before the stop (even unsynced) are intact, e2fsck clean"
+stop_with TERM
+
+# SIGTERM in the middle of a write job.
+start_serve "$WORK/vol" serve-6
+id="${DEV#/dev/ublkb}"
+fio --name=busy --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite \
+    --bs=4k --iodepth=32 --time_based --runtime=120 >"$RESULTS/fio-busy.txt" 2>&1 &
+FIO_PID=$!
+sleep 3
+kill -0 "$FIO_PID" 2>/dev/null || fail "fio ended before the stop: $(tail -n 5 "$RESULTS/fio-busy.txt")"
+start=$(date +%s)
+kill -TERM "$SERVE_PID"
+for _ in $(seq 150); do kill -0 "$SERVE_PID" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$SERVE_PID" 2>/dev/null && fail "serve still running 15s after SIGTERM under a write load"
+rc=0
+wait "$SERVE_PID" || rc=$?
+[ "$rc" = 0 ] || fail "serve exited with status $rc after SIGTERM under a write load"
+info "SIGTERM under a QD32 write load: daemon exited 0 in $(($(date +%s) - start))s"
+# fio fails once the device is gone; it must not hang on it.
+for _ in $(seq 300); do kill -0 "$FIO_PID" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$FIO_PID" 2>/dev/null; then
+    kill -9 "$FIO_PID"
+    fail "fio still running 30s after the daemon stopped"
+fi
+wait "$FIO_PID" || true
+for _ in $(seq 50); do [ -e "/sys/class/ublk-char/ublkc$id" ] || break; sleep 0.1; done
+[ ! -e "/sys/class/ublk-char/ublkc$id" ] || fail "device $id still registered after the stop under load"
+
+start_serve "$WORK/vol" serve-7
+dd if="$DEV" of=/dev/null bs=1M status=none || fail "cannot read the volume back after a stop under load"
+info "the volume serves and reads back in full after the stop under load"
 stop_with TERM
