@@ -100,63 +100,56 @@ fn serve_queue(qid: u16, dev: &UblkDev, setup: &QueueSetup) {
         setup.mode,
         devzero,
     );
-    match setup.mode {
-        DataMode::Copy => {
-            // One buffer per tag that the driver copies request data through.
-            let bufs: Vec<IoBuf<u8>> = dev.alloc_queue_io_bufs();
-            let table = TagTable::new(
-                ctx,
-                bufs.iter().map(|b| DataBuf::Copy {
-                    ptr: b.as_mut_ptr(),
-                    len: b.len(),
-                }),
-            );
-            let q = match q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))) {
-                Ok(q) => q,
-                Err(e) => {
-                    error!(error = %describe_ublk_error(&e), "cannot fetch requests");
-                    return;
-                }
-            };
-            let commit = Committer {
-                q: &q,
-                descs: Descs::Copy(&bufs),
-                unsent: Cell::new(0),
-            };
-            if !event_loop(&q, &table, &commit) {
-                // Ops may still write into the buffers: never free them.
-                std::mem::forget(table);
-                std::mem::forget(bufs);
-            }
-        }
-        DataMode::ZeroCopy => {
-            // The driver registers each request's pages at fixed-buffer index `tag`
-            // before handing it over, and unregisters them at commit.
-            let regs: Vec<sys::ublk_auto_buf_reg> = q
-                .tags()
+    // Copy mode: one buffer per tag that the driver copies request data through.
+    // Zero copy: the driver registers each request's pages at fixed-buffer index
+    // `tag` before handing it over, and unregisters them at commit.
+    let (bufs, regs): (Vec<IoBuf<u8>>, Vec<sys::ublk_auto_buf_reg>) = match setup.mode {
+        DataMode::Copy => (dev.alloc_queue_io_bufs(), Vec::new()),
+        DataMode::ZeroCopy => (
+            Vec::new(),
+            q.tags()
                 .map(|tag| sys::ublk_auto_buf_reg {
                     index: tag,
                     flags: 0,
                     ..Default::default()
                 })
-                .collect();
-            let table = TagTable::new(ctx, q.tags().map(|index| DataBuf::Fixed { index }));
-            let q = match q.submit_fetch_commands_unified(BufDescList::AutoRegs(&regs)) {
-                Ok(q) => q,
-                Err(e) => {
-                    error!(error = %describe_ublk_error(&e), "cannot fetch requests");
-                    return;
-                }
-            };
-            let commit = Committer {
-                q: &q,
-                descs: Descs::ZeroCopy(&regs),
-                unsent: Cell::new(0),
-            };
-            if !event_loop(&q, &table, &commit) {
-                std::mem::forget(table);
-            }
+                .collect(),
+        ),
+    };
+    let (table, list, descs) = match setup.mode {
+        DataMode::Copy => (
+            TagTable::new(
+                ctx,
+                bufs.iter().map(|b| DataBuf::Copy {
+                    ptr: b.as_mut_ptr(),
+                    len: b.len(),
+                }),
+            ),
+            BufDescList::Slices(Some(&bufs)),
+            Descs::Copy(&bufs),
+        ),
+        DataMode::ZeroCopy => (
+            TagTable::new(ctx, q.tags().map(|index| DataBuf::Fixed { index })),
+            BufDescList::AutoRegs(&regs),
+            Descs::ZeroCopy(&regs),
+        ),
+    };
+    let q = match q.submit_fetch_commands_unified(list) {
+        Ok(q) => q,
+        Err(e) => {
+            error!(error = %describe_ublk_error(&e), "cannot fetch requests");
+            return;
         }
+    };
+    let commit = Committer {
+        q: &q,
+        descs,
+        unsent: Cell::new(0),
+    };
+    if !event_loop(&q, &table, &commit) {
+        // Ops may still write into the buffers: never free them.
+        std::mem::forget(table);
+        std::mem::forget(bufs);
     }
 }
 

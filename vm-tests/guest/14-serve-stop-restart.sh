@@ -14,21 +14,29 @@ need_cmd cmp mkfs.ext4 sha256sum fio
 load_ublk
 modprobe_mod ext4 || fail "cannot load ext4"
 
-# stop_with SIGNAL: stop the daemon, require exit 0 within 30 s and every trace of
-# the device gone.
-stop_with() {
-    local sig="$1" rc=0 id="${DEV#/dev/ublkb}" start
+# signal_and_wait SECONDS WHAT [SIGNAL]: signal the daemon (SIGTERM by default),
+# require exit 0 within SECONDS; WHAT says in which situation.
+signal_and_wait() {
+    local secs="$1" what="$2" sig="${3:-TERM}" rc=0 start
     start=$(date +%s)
     kill "-$sig" "$SERVE_PID"
-    for _ in $(seq 300); do kill -0 "$SERVE_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$SERVE_PID" 2>/dev/null && fail "serve still running 30s after SIG$sig"
+    for _ in $(seq $((secs * 10))); do kill -0 "$SERVE_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$SERVE_PID" 2>/dev/null && fail "serve still running ${secs}s after SIG$sig $what"
     wait "$SERVE_PID" || rc=$?
-    [ "$rc" = 0 ] || fail "serve exited with status $rc after SIG$sig"
+    [ "$rc" = 0 ] || fail "serve exited with status $rc after SIG$sig $what"
+    info "SIG$sig $what: daemon exited 0 in $(($(date +%s) - start))s"
+}
+
+# stop_with SIGNAL: stop the idle daemon, require exit 0 within 30 s and every
+# trace of the device gone.
+stop_with() {
+    local sig="$1" id="${DEV#/dev/ublkb}"
+    signal_and_wait 30 "while idle" "$sig"
     for _ in $(seq 50); do [ -e "$DEV" ] || break; sleep 0.1; done
     [ ! -e "$DEV" ] || fail "$DEV still exists after SIG$sig"
     [ ! -e "/sys/class/ublk-char/ublkc$id" ] || fail "ublkc$id still registered after SIG$sig"
     [ ! -e "/run/ublksrvd/$(printf %04d "$id").json" ] || fail "libublk json of device $id left behind"
-    info "SIG$sig: daemon exited 0 in $(($(date +%s) - start))s, device $id removed"
+    info "device $id removed"
 }
 
 MIB=$((1 << 20))
@@ -67,15 +75,8 @@ head -c $((4 * MIB)) /dev/urandom >"$WORK/mnt/synced"
 sync
 head -c $((4 * MIB)) /dev/urandom >"$WORK/mnt/unsynced"
 (cd "$WORK/mnt" && sha256sum synced unsynced) >"$WORK/sums"
-start=$(date +%s)
-kill -TERM "$SERVE_PID"
-for _ in $(seq 300); do kill -0 "$SERVE_PID" 2>/dev/null || break; sleep 0.1; done
-kill -0 "$SERVE_PID" 2>/dev/null && fail "serve hangs after SIGTERM with a mounted file system"
-rc=0
-wait "$SERVE_PID" || rc=$?
-[ "$rc" = 0 ] || fail "serve exited with status $rc after SIGTERM with a mounted file system"
+signal_and_wait 30 "with ext4 mounted"
 grep -q 'still mounted' "$RESULTS/serve-4.log" || fail "no warning about the mounted file system"
-info "SIGTERM with ext4 mounted: daemon exited 0 in $(($(date +%s) - start))s"
 umount "$WORK/mnt" || fail "cannot unmount the file system of the stopped device"
 for _ in $(seq 50); do [ -e "/sys/class/ublk-char/ublkc$id" ] || break; sleep 0.1; done
 [ ! -e "/sys/class/ublk-char/ublkc$id" ] || fail "device $id still registered after umount"
@@ -97,14 +98,7 @@ fio --name=busy --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite 
 FIO_PID=$!
 sleep 3
 kill -0 "$FIO_PID" 2>/dev/null || fail "fio ended before the stop: $(tail -n 5 "$RESULTS/fio-busy.txt")"
-start=$(date +%s)
-kill -TERM "$SERVE_PID"
-for _ in $(seq 150); do kill -0 "$SERVE_PID" 2>/dev/null || break; sleep 0.1; done
-kill -0 "$SERVE_PID" 2>/dev/null && fail "serve still running 15s after SIGTERM under a write load"
-rc=0
-wait "$SERVE_PID" || rc=$?
-[ "$rc" = 0 ] || fail "serve exited with status $rc after SIGTERM under a write load"
-info "SIGTERM under a QD32 write load: daemon exited 0 in $(($(date +%s) - start))s"
+signal_and_wait 15 "under a QD32 write load"
 # fio fails once the device is gone; it must not hang on it.
 for _ in $(seq 300); do kill -0 "$FIO_PID" 2>/dev/null || break; sleep 0.1; done
 if kill -0 "$FIO_PID" 2>/dev/null; then
