@@ -472,3 +472,29 @@ fn direct_io_volumes_behave_like_buffered_ones() {
     again.read(0, &mut check).expect("read");
     assert!(check == live, "a buffered reopen reads other bytes");
 }
+
+#[test]
+fn a_completed_write_says_when_a_flush_is_due() {
+    let tmp = scratch();
+    let vol = create(&tmp.path().join("v"), 64 * MIB);
+    let blocks = 64 * MIB / 4096;
+    // Unflushed changes pile up in the volatile journal; past half of it, the write
+    // that crosses the line says so (a server then flushes in the background).
+    let mut writes = 0u64;
+    loop {
+        let ticket = vol
+            .begin_write((writes % blocks) * 4096, 4096)
+            .expect("begin");
+        writes += 1;
+        if ticket.complete() {
+            break;
+        }
+        assert!(writes <= 1 << 20, "no flush advised after {writes} writes");
+    }
+    assert!(writes > 1 << 18, "flush advised after only {writes} writes");
+    assert!(vol.flush_advised(), "the volume agrees with the write");
+    vol.flush().expect("flush");
+    assert!(!vol.flush_advised());
+    let ticket = vol.begin_write(0, 4096).expect("begin");
+    assert!(!ticket.complete(), "no flush due right after one");
+}

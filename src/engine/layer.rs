@@ -41,6 +41,11 @@ pub struct LayerState {
 }
 
 impl LayerState {
+    /// True when the volatile journal is filling up: unflushed changes pile up.
+    pub fn wants_flush(&self) -> bool {
+        self.vlog.as_ref().is_some_and(VolatileLog::wants_flush)
+    }
+
     /// Records a change of blocks `[start, end)` in the map, the pending set and the
     /// volatile journal.
     pub fn change(&mut self, kind: Change, start: u32, end: u64) {
@@ -360,11 +365,7 @@ impl Layer {
 
     /// True when the volatile journal is filling up and a flush would be wise.
     pub fn wants_flush(&self) -> bool {
-        self.state
-            .read()
-            .vlog
-            .as_ref()
-            .is_some_and(VolatileLog::wants_flush)
+        self.state.read().wants_flush()
     }
 
     /// Blocks with data in this layer.

@@ -108,12 +108,12 @@ impl WriteTicket {
     }
 
     /// Records that the data is in the file: reads see it from now on, and the next
-    /// flush makes it durable.
-    pub fn complete(self) {
-        self.layer
-            .state
-            .write()
-            .change(Change::Written, self.start, self.end);
+    /// flush makes it durable. Returns [`Volume::flush_advised`] for this layer, read
+    /// under the same lock (a server calls both on every write).
+    pub fn complete(self) -> bool {
+        let mut state = self.layer.state.write();
+        state.change(Change::Written, self.start, self.end);
+        state.wants_flush()
         // Drop runs leave().
     }
 }
@@ -364,7 +364,7 @@ impl Volume {
             ticket.layer.data.write_all_at(data, offset)
         }
         .map_err(|e| EngineError::io(path, e))?;
-        ticket.complete();
+        let _ = ticket.complete();
         if fua {
             self.flush()?;
         }

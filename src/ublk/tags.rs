@@ -352,8 +352,7 @@ impl TagTable {
             return Some(s.err);
         }
         if let Hold::Ticket(ticket) = hold {
-            ticket.complete();
-            if self.ctx.volume.flush_advised() {
+            if ticket.complete() {
                 self.ctx.work.flush_in_background();
             }
             if s.req.fua() {
