@@ -280,7 +280,7 @@ pub fn remove_leftovers(volume_dir: &Path) -> usize {
                     "deleting a snapshot device left by a daemon that died; expose it again if needed"
                 );
                 remove_device(&ctrl);
-                let _ = std::fs::remove_file(run_dir.join(format!("{id:04}.json")));
+                let _ = std::fs::remove_file(recover::device_json_path(&run_dir, id));
                 removed += 1;
             }
             Err(err) => {

@@ -13,14 +13,13 @@ use tracing::warn;
 
 use crate::engine::{EngineError, ReadSegment, ReadSource, SnapshotView, Volume};
 
-use super::features::DataMode;
 use super::worker::WorkSubmitter;
 
 /// How many times a request retries ring ops that return EAGAIN/EINTR before failing.
 pub const MAX_RETRIES: u32 = 16;
 
 /// The fields of a request descriptor, copied out of the shared descriptor page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Request {
     /// `UBLK_IO_OP_*`.
     pub op: u32,
@@ -46,6 +45,15 @@ impl Request {
     /// Whether the request asks for Force Unit Access.
     pub fn fua(&self) -> bool {
         self.flags & sys::UBLK_IO_F_FUA != 0
+    }
+
+    /// Which way a transfer of this request moves data (only writes go to files).
+    pub fn dir(&self) -> Dir {
+        if self.op == sys::UBLK_IO_OP_WRITE {
+            Dir::Write
+        } else {
+            Dir::Read
+        }
     }
 }
 
@@ -82,8 +90,6 @@ pub struct IoCtx {
     pub snapshot: Option<SnapshotView>,
     /// Where blocking calls go.
     pub work: WorkSubmitter,
-    /// Copy or zero copy.
-    pub mode: DataMode,
     /// /dev/zero, read into registered buffers for zero parts in zero-copy mode.
     pub devzero: Option<OwnedFd>,
 }
@@ -105,10 +111,15 @@ pub enum Outcome {
     Again(Piece),
 }
 
+/// Whether a ring op that completed with `res` is worth submitting again as it was.
+pub fn retryable(res: i32) -> bool {
+    res == -libc::EAGAIN || res == -libc::EINTR
+}
+
 /// Decides what follows op result `res` for piece `p`.
 pub fn outcome(dir: Dir, p: &Piece, res: i32) -> Outcome {
     match res {
-        r if r == -libc::EAGAIN || r == -libc::EINTR => Outcome::Again(*p),
+        r if retryable(r) => Outcome::Again(*p),
         r if r < 0 => {
             warn!(?dir, source = ?p.source, len = p.len, res = r, "backing I/O failed");
             Outcome::Failed(r)
@@ -163,20 +174,30 @@ pub unsafe fn push_op(sqe: &squeue::Entry) {
     });
 }
 
+/// Where piece `p` starts in a copy buffer of `cap` bytes at `ptr`; EINVAL if the
+/// piece does not fit (a request longer than the buffer is refused, not overrun).
+fn piece_in_buffer(ptr: *mut u8, cap: usize, p: &Piece) -> Result<*mut u8, i32> {
+    let end = p.buf_offset.checked_add(p.len).ok_or(-libc::EINVAL)?;
+    if end > cap as u64 {
+        return Err(-libc::EINVAL);
+    }
+    // SAFETY: buf_offset + len <= cap (checked above), so the result stays inside the
+    // buffer.
+    Ok(unsafe { ptr.add(p.buf_offset as usize) })
+}
+
 impl IoCtx {
     /// Context for the requests of one queue thread.
     pub fn new(
         volume: Volume,
         snapshot: Option<SnapshotView>,
         work: WorkSubmitter,
-        mode: DataMode,
         devzero: Option<OwnedFd>,
     ) -> Self {
         IoCtx {
             volume,
             snapshot,
             work,
-            mode,
             devzero,
         }
     }
@@ -194,15 +215,10 @@ impl IoCtx {
             ReadSource::File { fd, offset } => (fd, offset),
             ReadSource::Zero => match (dir, buf, &self.devzero) {
                 (Dir::Read, DataBuf::Copy { ptr, len: cap }, _) => {
-                    let end = p.buf_offset.checked_add(p.len).ok_or(-libc::EINVAL)?;
-                    if end > cap as u64 {
-                        return Err(-libc::EINVAL);
-                    }
-                    // SAFETY: [buf_offset, end) lies inside the tag's live buffer (checked
-                    // above), and no ring op targets that range.
-                    unsafe {
-                        std::ptr::write_bytes(ptr.add(p.buf_offset as usize), 0, p.len as usize)
-                    };
+                    let at = piece_in_buffer(ptr, cap, p)?;
+                    // SAFETY: the piece lies inside the tag's live buffer (checked), and no
+                    // ring op targets that range.
+                    unsafe { std::ptr::write_bytes(at, 0, p.len as usize) };
                     return Ok(None);
                 }
                 (Dir::Read, DataBuf::Fixed { .. }, Some(z)) => (z.as_raw_fd(), 0),
@@ -211,13 +227,9 @@ impl IoCtx {
         };
         let sqe = match (dir, buf) {
             (dir, DataBuf::Copy { ptr, len: cap }) => {
-                let end = p.buf_offset.checked_add(p.len).ok_or(-libc::EINVAL)?;
-                if end > cap as u64 {
-                    return Err(-libc::EINVAL);
-                }
-                // SAFETY: in bounds of the tag's buffer (checked above); the buffer outlives
-                // the op because a request completes only after all its ops have.
-                let at = unsafe { ptr.add(p.buf_offset as usize) };
+                // The buffer outlives the op: a request completes only after all its
+                // ops have.
+                let at = piece_in_buffer(ptr, cap, p)?;
                 match dir {
                     Dir::Read => opcode::Read::new(types::Fd(fd), at, len)
                         .offset(file_off)

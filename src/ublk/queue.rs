@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libublk::helpers::IoBuf;
-use libublk::io::{with_task_io_ring_mut, BufDescList, UblkDev, UblkQueue};
+use libublk::io::{with_task_io_ring_mut, BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::uring_async::ublk_reap_io_events_with_update_queue;
 use libublk::{sys, BufDesc, UblkIORes};
 use tracing::{debug, error, info_span, warn, Span};
@@ -24,7 +24,7 @@ use super::io::{DataBuf, IoCtx, Request};
 use super::tags::{Finish, TagTable, TARGET_OP};
 use super::worker::{mark_io_flusher, WorkSubmitter};
 
-/// How long a stopping queue waits for its last tasks before giving up on them.
+/// How long a stopping queue waits for its last requests before giving up on them.
 const STOP_GRACE: Duration = Duration::from_secs(30);
 
 /// What every queue thread needs; cloned into each (Send + Sync).
@@ -97,16 +97,11 @@ fn serve_queue(qid: u16, dev: &UblkDev, setup: &QueueSetup) {
         setup.volume.clone(),
         setup.snapshot.clone(),
         setup.work.clone(),
-        setup.mode,
         devzero,
     );
-    // Copy mode: one buffer per tag that the driver copies request data through.
-    // Zero copy: the driver registers each request's pages at fixed-buffer index
-    // `tag` before handing it over, and unregisters them at commit.
-    let (bufs, regs): (Vec<IoBuf<u8>>, Vec<sys::ublk_auto_buf_reg>) = match setup.mode {
-        DataMode::Copy => (dev.alloc_queue_io_bufs(), Vec::new()),
-        DataMode::ZeroCopy => (
-            Vec::new(),
+    let bufs = match setup.mode {
+        DataMode::Copy => TagBufs::Copy(dev.alloc_queue_io_bufs()),
+        DataMode::ZeroCopy => TagBufs::ZeroCopy(
             q.tags()
                 .map(|tag| sys::ublk_auto_buf_reg {
                     index: tag,
@@ -116,25 +111,8 @@ fn serve_queue(qid: u16, dev: &UblkDev, setup: &QueueSetup) {
                 .collect(),
         ),
     };
-    let (table, list, descs) = match setup.mode {
-        DataMode::Copy => (
-            TagTable::new(
-                ctx,
-                bufs.iter().map(|b| DataBuf::Copy {
-                    ptr: b.as_mut_ptr(),
-                    len: b.len(),
-                }),
-            ),
-            BufDescList::Slices(Some(&bufs)),
-            Descs::Copy(&bufs),
-        ),
-        DataMode::ZeroCopy => (
-            TagTable::new(ctx, q.tags().map(|index| DataBuf::Fixed { index })),
-            BufDescList::AutoRegs(&regs),
-            Descs::ZeroCopy(&regs),
-        ),
-    };
-    let q = match q.submit_fetch_commands_unified(list) {
+    let table = TagTable::new(ctx, bufs.data_bufs());
+    let q = match q.submit_fetch_commands_unified(bufs.fetch_list()) {
         Ok(q) => q,
         Err(e) => {
             error!(error = %describe_ublk_error(&e), "cannot fetch requests");
@@ -143,7 +121,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, setup: &QueueSetup) {
     };
     let commit = Committer {
         q: &q,
-        descs,
+        bufs: &bufs,
         unsent: Cell::new(0),
     };
     if !event_loop(&q, &table, &commit) {
@@ -153,19 +131,57 @@ fn serve_queue(qid: u16, dev: &UblkDev, setup: &QueueSetup) {
     }
 }
 
-/// What the driver gets back with a tag's result.
-enum Descs<'a> {
-    /// Copy mode: the tag's buffer, which the driver copies read data out of.
-    Copy(&'a [IoBuf<u8>]),
-    /// Zero copy: the tag's auto-registration, undone by the driver at commit.
-    ZeroCopy(&'a [sys::ublk_auto_buf_reg]),
+/// Where each tag's request data lives, one entry per tag.
+enum TagBufs {
+    /// Copy mode: a buffer of ours that the driver copies request data through.
+    Copy(Vec<IoBuf<u8>>),
+    /// Zero copy: the driver registers each request's pages at fixed-buffer index
+    /// `tag` before handing it over, and unregisters them at commit.
+    ZeroCopy(Vec<sys::ublk_auto_buf_reg>),
+}
+
+impl TagBufs {
+    /// Each tag's buffer as the requests address it, in tag order.
+    fn data_bufs(&self) -> Vec<DataBuf> {
+        match self {
+            TagBufs::Copy(bufs) => bufs
+                .iter()
+                .map(|b| DataBuf::Copy {
+                    ptr: b.as_mut_ptr(),
+                    len: b.len(),
+                })
+                .collect(),
+            TagBufs::ZeroCopy(regs) => regs
+                .iter()
+                .map(|r| DataBuf::Fixed { index: r.index })
+                .collect(),
+        }
+    }
+
+    /// What the first fetch of every tag hands the driver.
+    fn fetch_list(&self) -> BufDescList<'_> {
+        match self {
+            TagBufs::Copy(bufs) => BufDescList::Slices(Some(bufs)),
+            TagBufs::ZeroCopy(regs) => BufDescList::AutoRegs(regs),
+        }
+    }
+
+    /// What the driver gets back with `tag`'s result.
+    fn commit_desc(&self, tag: u16) -> Option<BufDesc<'_>> {
+        match self {
+            TagBufs::Copy(bufs) => bufs
+                .get(usize::from(tag))
+                .map(|b| BufDesc::Slice(b.as_slice())),
+            TagBufs::ZeroCopy(regs) => regs.get(usize::from(tag)).map(|r| BufDesc::AutoReg(*r)),
+        }
+    }
 }
 
 /// Commits results to the driver (COMMIT_AND_FETCH), and counts the tags whose
 /// commit was not sent because the queue is stopping.
 struct Committer<'a> {
     q: &'a UblkQueue<'a>,
-    descs: Descs<'a>,
+    bufs: &'a TagBufs,
     /// Tags ended by a stop while their request was being served.
     unsent: Cell<usize>,
 }
@@ -185,15 +201,8 @@ impl Finish for Committer<'_> {
             self.unsent.set(self.unsent.get() + 1);
             return;
         }
-        let desc = match self.descs {
-            Descs::Copy(bufs) => match bufs.get(usize::from(tag)) {
-                Some(b) => BufDesc::Slice(b.as_slice()),
-                None => return,
-            },
-            Descs::ZeroCopy(regs) => match regs.get(usize::from(tag)) {
-                Some(r) => BufDesc::AutoReg(*r),
-                None => return,
-            },
+        let Some(desc) = self.bufs.commit_desc(tag) else {
+            return;
         };
         if let Err(e) = self
             .q
@@ -210,7 +219,7 @@ impl Finish for Committer<'_> {
 /// (device stopped or daemon replaced). Returns false if it gave up with requests
 /// still running, whose ops may yet complete into the tags' buffers.
 fn event_loop(q: &UblkQueue<'_>, table: &TagTable, fin: &Committer<'_>) -> bool {
-    // Tags whose fetch command has not come back with an abort.
+    // Tags not ended yet: neither aborted by the driver nor stopped mid-request.
     let mut live = q.nr_tags() as usize;
     let mut cqes: Vec<io_uring::cqueue::Entry> = Vec::with_capacity(2 * live);
     let mut stopping_since: Option<Instant> = None;
@@ -262,7 +271,7 @@ fn event_loop(q: &UblkQueue<'_>, table: &TagTable, fin: &Committer<'_>) -> bool 
                 continue;
             }
             // A driver command: the tag has a new request, or it is done.
-            let tag = (data & 0xffff) as u16;
+            let tag = UblkIOCtx::user_data_to_tag(data) as u16;
             if res == sys::UBLK_IO_RES_OK as i32 && q.owns_tag(tag) {
                 table.start(tag, Request::from_iod(q.get_iod(tag)), fin);
             } else {

@@ -29,9 +29,14 @@ pub fn volume_of_device_json(dev_json: &Value) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// Where libublk keeps the json of device `id` under `run_dir`.
+pub fn device_json_path(run_dir: &Path, id: u32) -> PathBuf {
+    run_dir.join(format!("{id:04}.json"))
+}
+
 /// Reads the json libublk keeps for device `id` under `run_dir`.
 pub fn read_device_json(run_dir: &Path, id: u32) -> Option<Value> {
-    let text = std::fs::read_to_string(run_dir.join(format!("{id:04}.json"))).ok()?;
+    let text = std::fs::read_to_string(device_json_path(run_dir, id)).ok()?;
     serde_json::from_str(&text).ok()
 }
 
@@ -182,7 +187,7 @@ mod tests {
     use super::*;
 
     fn write_json(dir: &Path, id: u32, v: &Value) {
-        std::fs::write(dir.join(format!("{id:04}.json")), v.to_string()).expect("write");
+        std::fs::write(device_json_path(dir, id), v.to_string()).expect("write");
     }
 
     #[test]

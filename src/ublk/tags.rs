@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 use crate::engine::{ReadPlan, ReadSource, WriteTicket};
 
 use super::io::{
-    bytes_result, neg_errno, outcome, push_op, DataBuf, Dir, IoCtx, Outcome, Piece, Pieces,
+    bytes_result, neg_errno, outcome, push_op, retryable, DataBuf, IoCtx, Outcome, Piece, Pieces,
     Request, MAX_RETRIES,
 };
 use super::worker::{decode_result, BlockingOp, Completion};
@@ -47,16 +47,16 @@ pub trait Finish {
     fn finish(&self, tag: u16, res: i32);
 }
 
-/// Where a tag's request stands.
+/// Where a tag's request stands (the rest follows from the request itself).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     /// No request (waiting for the driver).
     Idle,
-    /// Ops moving the parts in `pieces` are in flight.
-    Transfer(Dir),
-    /// A worker runs a blocking call; an eventfd read waits for its result. A FUA
-    /// write returns its byte count (`fua_len`) if the flush succeeds.
-    Worker { fua_len: Option<u64> },
+    /// Ops moving the parts in `pieces` are in flight, in the request's direction.
+    Transfer,
+    /// A worker runs a blocking call; an eventfd read waits for its result. For a
+    /// write, that call is its FUA flush.
+    Worker,
 }
 
 /// What keeps the request's files and map state alive while its ops run.
@@ -108,12 +108,7 @@ impl TagTable {
             .map(|buf| {
                 RefCell::new(Slot {
                     buf,
-                    req: Request {
-                        op: 0,
-                        flags: 0,
-                        offset: 0,
-                        len: 0,
-                    },
+                    req: Request::default(),
                     stage: Stage::Idle,
                     pieces: Pieces::new(),
                     inflight: 0,
@@ -174,8 +169,8 @@ impl TagTable {
         let done = {
             let mut s = cell.borrow_mut();
             match s.stage {
-                Stage::Transfer(dir) => self.transfer_step(tag, &mut s, dir, op_piece(data), res),
-                Stage::Worker { fua_len } => self.worker_step(tag, &mut s, fua_len, res),
+                Stage::Transfer => self.transfer_step(tag, &mut s, op_piece(data), res),
+                Stage::Worker => self.worker_step(tag, &mut s, res),
                 Stage::Idle => {
                     warn!(tag, res, "completion for an idle tag; ignored");
                     None
@@ -228,7 +223,7 @@ impl TagTable {
                 s.pieces = std::mem::take(&mut plan.segments);
                 // The plan keeps the layer files open until every op on them completed.
                 s.hold = Hold::Plan { _files: plan };
-                self.transfer(tag, s, Dir::Read)
+                self.transfer(tag, s)
             }
             // A snapshot device is marked read-only, so the kernel refuses writes first;
             // this is the second line. It has nothing to flush.
@@ -257,34 +252,22 @@ impl TagTable {
                 });
                 // Dropped uncompleted on failure: the map stays as it was.
                 s.hold = Hold::Ticket(ticket);
-                self.transfer(tag, s, Dir::Write)
+                self.transfer(tag, s)
             }
-            sys::UBLK_IO_OP_FLUSH => self.to_worker(tag, s, BlockingOp::Flush, None),
-            sys::UBLK_IO_OP_DISCARD => {
-                let op = BlockingOp::Discard {
-                    offset: req.offset,
-                    len: req.len,
-                };
-                self.to_worker(tag, s, op, None)
-            }
-            sys::UBLK_IO_OP_WRITE_ZEROES => {
-                let op = BlockingOp::WriteZeroes {
-                    offset: req.offset,
-                    len: req.len,
-                };
-                self.to_worker(tag, s, op, None)
-            }
-            _ => Some(-libc::EOPNOTSUPP),
+            _ => match blocking_op(&req) {
+                Some(op) => self.to_worker(tag, s, op),
+                None => Some(-libc::EOPNOTSUPP),
+            },
         }
     }
 
     /// Submits one op per part in `s.pieces`, all in flight together.
-    fn transfer(&self, tag: u16, s: &mut Slot, dir: Dir) -> Option<i32> {
-        s.stage = Stage::Transfer(dir);
+    fn transfer(&self, tag: u16, s: &mut Slot) -> Option<i32> {
+        s.stage = Stage::Transfer;
         s.inflight = 0;
         for i in 0..s.pieces.len() {
             let p = s.pieces[i];
-            if !self.submit_piece(tag, s, dir, i, &p) {
+            if !self.submit_piece(tag, s, i, &p) {
                 break;
             }
         }
@@ -295,8 +278,8 @@ impl TagTable {
     }
 
     /// Submits the op moving `p` (part `i`); false if the request failed instead.
-    fn submit_piece(&self, tag: u16, s: &mut Slot, dir: Dir, i: usize, p: &Piece) -> bool {
-        match self.ctx.build_op(dir, s.buf, p) {
+    fn submit_piece(&self, tag: u16, s: &mut Slot, i: usize, p: &Piece) -> bool {
+        match self.ctx.build_op(s.req.dir(), s.buf, p) {
             Ok(Some(sqe)) => {
                 // SAFETY: the tag's buffer lives as long as the queue, and the layer file
                 // is kept open by `s.hold`, which is released only after the last op of
@@ -314,7 +297,7 @@ impl TagTable {
     }
 
     /// One op of a transfer completed with `res`.
-    fn transfer_step(&self, tag: u16, s: &mut Slot, dir: Dir, i: usize, res: i32) -> Option<i32> {
+    fn transfer_step(&self, tag: u16, s: &mut Slot, i: usize, res: i32) -> Option<i32> {
         let Some(p) = s.pieces.get(i).copied() else {
             warn!(
                 tag,
@@ -325,7 +308,7 @@ impl TagTable {
         };
         s.inflight = s.inflight.saturating_sub(1);
         if s.err == 0 {
-            match outcome(dir, &p, res) {
+            match outcome(s.req.dir(), &p, res) {
                 Outcome::Done => {}
                 Outcome::Failed(e) => s.err = e,
                 Outcome::Again(rest) => {
@@ -334,7 +317,7 @@ impl TagTable {
                         s.err = -libc::EAGAIN;
                     } else {
                         s.pieces[i] = rest;
-                        self.submit_piece(tag, s, dir, i, &rest);
+                        self.submit_piece(tag, s, i, &rest);
                     }
                 }
             }
@@ -356,20 +339,14 @@ impl TagTable {
                 self.ctx.work.flush_in_background();
             }
             if s.req.fua() {
-                return self.to_worker(tag, s, BlockingOp::Flush, Some(s.req.len));
+                return self.to_worker(tag, s, BlockingOp::Flush);
             }
         }
         Some(bytes_result(s.req.len))
     }
 
     /// Hands `op` to a worker and reads its result from an eventfd on the ring.
-    fn to_worker(
-        &self,
-        tag: u16,
-        s: &mut Slot,
-        op: BlockingOp,
-        fua_len: Option<u64>,
-    ) -> Option<i32> {
+    fn to_worker(&self, tag: u16, s: &mut Slot, op: BlockingOp) -> Option<i32> {
         let done = match self.completions.borrow_mut().pop() {
             Some(c) => c,
             None => match Completion::new() {
@@ -386,7 +363,7 @@ impl TagTable {
             return Some(-libc::EIO);
         }
         s.waiter = Some(done);
-        s.stage = Stage::Worker { fua_len };
+        s.stage = Stage::Worker;
         s.retries = 0;
         self.read_waiter(tag, s);
         None
@@ -406,8 +383,8 @@ impl TagTable {
     }
 
     /// The eventfd read of a worker call completed with `res`.
-    fn worker_step(&self, tag: u16, s: &mut Slot, fua_len: Option<u64>, res: i32) -> Option<i32> {
-        if (res == -libc::EAGAIN || res == -libc::EINTR) && s.retries < MAX_RETRIES {
+    fn worker_step(&self, tag: u16, s: &mut Slot, res: i32) -> Option<i32> {
+        if retryable(res) && s.retries < MAX_RETRIES {
             s.retries += 1;
             self.read_waiter(tag, s);
             return None;
@@ -422,10 +399,23 @@ impl TagTable {
             self.completions.borrow_mut().push(w);
         }
         let r = decode_result(u64::from_ne_bytes(s.val));
-        Some(match fua_len {
-            Some(len) if r >= 0 => bytes_result(len),
-            _ => r,
+        // A write's worker call is its FUA flush: once durable, the write is done.
+        Some(if s.req.op == sys::UBLK_IO_OP_WRITE && r >= 0 {
+            bytes_result(s.req.len)
+        } else {
+            r
         })
+    }
+}
+
+/// The worker call serving `req`, for the requests served by one.
+fn blocking_op(req: &Request) -> Option<BlockingOp> {
+    let (offset, len) = (req.offset, req.len);
+    match req.op {
+        sys::UBLK_IO_OP_FLUSH => Some(BlockingOp::Flush),
+        sys::UBLK_IO_OP_DISCARD => Some(BlockingOp::Discard { offset, len }),
+        sys::UBLK_IO_OP_WRITE_ZEROES => Some(BlockingOp::WriteZeroes { offset, len }),
+        _ => None,
     }
 }
 
@@ -433,11 +423,9 @@ impl TagTable {
 mod tests {
     use super::*;
     use crate::engine::{CreateOptions, Volume};
-    use crate::ublk::features::DataMode;
     use crate::ublk::worker::{WorkSubmitter, Workers};
     use io_uring::IoUring;
     use libublk::io::with_task_io_ring_mut;
-    use std::cell::RefCell as Cell;
 
     /// Sets up this thread's ring the way a queue thread has it (libublk's slot).
     fn init_ring() {
@@ -456,7 +444,7 @@ mod tests {
 
     /// Records results the way the driver would receive them.
     #[derive(Default)]
-    struct Results(Cell<Vec<(u16, i32)>>);
+    struct Results(RefCell<Vec<(u16, i32)>>);
 
     impl Finish for Results {
         fn finish(&self, tag: u16, res: i32) {
@@ -537,13 +525,7 @@ mod tests {
 
         /// What a copy-mode queue of the live volume serves with.
         fn ctx(&self) -> IoCtx {
-            IoCtx::new(
-                self.volume.clone(),
-                None,
-                self.work.clone(),
-                DataMode::Copy,
-                None,
-            )
+            IoCtx::new(self.volume.clone(), None, self.work.clone(), None)
         }
 
         fn req(&self, op: u32, offset: u64, len: u64, buf: &mut [u8]) -> i32 {
@@ -665,13 +647,7 @@ mod tests {
         assert_eq!(f.req(sys::UBLK_IO_OP_WRITE, 0, 4096, &mut new), 4096);
         let view = f.volume.snapshot_view("s1").expect("view");
         let call = |op: u32, offset: u64, len: u64, buf: &mut [u8]| {
-            let ctx = IoCtx::new(
-                f.volume.clone(),
-                Some(view.clone()),
-                f.work.clone(),
-                DataMode::Copy,
-                None,
-            );
+            let ctx = IoCtx::new(f.volume.clone(), Some(view.clone()), f.work.clone(), None);
             call(ctx, request(op, offset, len), buf)
         };
         let mut buf = vec![0u8; 8192];
@@ -723,27 +699,47 @@ mod tests {
     fn errors_become_negative_errno() {
         let f = Fixture::new();
         let mut buf = vec![0u8; 4096];
-        assert_eq!(
-            f.req(sys::UBLK_IO_OP_READ, 1 << 20, 4096, &mut buf),
-            -libc::EINVAL
-        );
-        assert_eq!(
-            f.req(sys::UBLK_IO_OP_WRITE, 512, 4096, &mut buf),
-            -libc::EINVAL
-        );
-        assert_eq!(
-            f.req(sys::UBLK_IO_OP_WRITE_SAME, 0, 4096, &mut buf),
-            -libc::EOPNOTSUPP
-        );
-        // A request longer than the buffer is refused, not overrun.
-        assert_eq!(
-            f.req(sys::UBLK_IO_OP_READ, 0, 8192, &mut buf),
-            -libc::EINVAL
-        );
-        assert_eq!(
-            f.req(sys::UBLK_IO_OP_WRITE, 0, 8192, &mut buf),
-            -libc::EINVAL
-        );
+        let refused = [
+            (
+                sys::UBLK_IO_OP_READ,
+                1 << 20,
+                4096,
+                -libc::EINVAL,
+                "read past the end",
+            ),
+            (
+                sys::UBLK_IO_OP_WRITE,
+                512,
+                4096,
+                -libc::EINVAL,
+                "misaligned write",
+            ),
+            (
+                sys::UBLK_IO_OP_WRITE_SAME,
+                0,
+                4096,
+                -libc::EOPNOTSUPP,
+                "unknown op",
+            ),
+            // A request longer than the buffer is refused, not overrun.
+            (
+                sys::UBLK_IO_OP_READ,
+                0,
+                8192,
+                -libc::EINVAL,
+                "read over the buffer",
+            ),
+            (
+                sys::UBLK_IO_OP_WRITE,
+                0,
+                8192,
+                -libc::EINVAL,
+                "write over the buffer",
+            ),
+        ];
+        for (op, offset, len, want, what) in refused {
+            assert_eq!(f.req(op, offset, len, &mut buf), want, "{what}");
+        }
         // The device keeps serving.
         assert_eq!(f.req(sys::UBLK_IO_OP_READ, 0, 4096, &mut buf), 4096);
     }
