@@ -3,21 +3,25 @@
 //! ([`super::tags`]), which commit results as requests finish. No blocking syscall but
 //! the ring wait.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use io_uring::IoUring;
 use libublk::helpers::IoBuf;
-use libublk::io::{with_task_io_ring_mut, BufDescList, UblkDev, UblkIOCtx, UblkQueue};
+use libublk::io::{
+    ublk_init_task_ring, with_task_io_ring_mut, BufDescList, UblkDev, UblkIOCtx, UblkQueue,
+};
 use libublk::uring_async::ublk_reap_io_events_with_update_queue;
-use libublk::{sys, BufDesc, UblkIORes};
+use libublk::{sys, BufDesc, UblkError, UblkIORes};
 use tracing::{debug, error, info_span, warn, Span};
 
 use crate::engine::{SnapshotView, Volume};
 
+use super::affinity::QueueThreads;
 use super::error::describe_ublk_error;
 use super::features::DataMode;
 use super::io::{DataBuf, IoCtx, Request};
@@ -42,6 +46,8 @@ pub struct QueueSetup {
     pub span: Span,
     /// Counts queue threads that have ended, so the main thread notices an early end.
     pub exited: Arc<AtomicUsize>,
+    /// Where each queue thread registers, so the main thread can place them.
+    pub threads: QueueThreads,
 }
 
 /// Runs queue `qid` of `dev` until the driver aborts it (device stopped or daemon
@@ -51,6 +57,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, setup: &QueueSetup) {
     let _g = span.enter();
     // Counted on every way out, a panic included.
     let _exit = ExitCount(&setup.exited);
+    setup.threads.register_current();
     // libublk marks its queue threads already; repeated here so a refusal is logged
     // (without it, memory reclaim may wait on this very device).
     if let Err(e) = mark_io_flusher() {
@@ -73,7 +80,38 @@ fn open_devzero() -> std::io::Result<OwnedFd> {
     File::open("/dev/zero").map(OwnedFd::from)
 }
 
+/// Creates this thread's queue ring before libublk makes its default one, so that the
+/// kernel runs completion work (the driver handing over requests, backing I/O ending)
+/// only when the queue loop waits for it, in one batch, instead of interrupting the
+/// thread for each (`IORING_SETUP_DEFER_TASKRUN`, Linux 6.1+; it needs a single issuer,
+/// which a queue thread is). Falls back to libublk's ring if the kernel refuses.
+fn init_queue_ring(dev: &UblkDev) {
+    let (sq_depth, cq_depth) = (u32::from(dev.tgt.sq_depth), u32::from(dev.tgt.cq_depth));
+    let made = ublk_init_task_ring(|cell| {
+        if cell.get().is_some() {
+            return Ok(());
+        }
+        let ring = IoUring::builder()
+            .setup_cqsize(cq_depth)
+            .setup_coop_taskrun()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(sq_depth)
+            .map_err(UblkError::IOError)?;
+        cell.set(RefCell::new(ring))
+            .map_err(|_| UblkError::OtherError(-libc::EEXIST))
+    });
+    match made {
+        Ok(()) => debug!("queue ring runs completion work when the queue waits"),
+        Err(e) => debug!(
+            error = %describe_ublk_error(&e),
+            "kernel refuses a deferred-work ring; using the default ring"
+        ),
+    }
+}
+
 fn serve_queue(qid: u16, dev: &UblkDev, setup: &QueueSetup) {
+    init_queue_ring(dev);
     let q = match UblkQueue::new(qid, dev) {
         Ok(q) => q,
         Err(e) => {
