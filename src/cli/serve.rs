@@ -94,6 +94,14 @@ pub struct ServeArgs {
     #[arg(long)]
     pub buffered: bool,
 
+    /// Keep each queue thread on the CPUs the kernel maps to its queue (libublk's
+    /// placement: best locality when programs on every CPU submit I/O). By default a
+    /// queue thread may run on any CPU the daemon may use (its own affinity, so
+    /// taskset and cpusets still apply): when a queue maps to a single CPU, a pinned
+    /// thread takes turns with the very program it serves instead of running beside it.
+    #[arg(long)]
+    pub pin_queues: bool,
+
     /// Control socket for snapshots, status and freezing (mode 0600)
     /// [default: /run/snapblk/<volume name>.sock].
     #[arg(long, value_name = "PATH")]
@@ -119,6 +127,7 @@ impl ServeArgs {
             recover: self.recover,
             force_copy: self.copy,
             buffered: self.buffered,
+            pin_queues: self.pin_queues,
         }
     }
 }
@@ -134,7 +143,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let control: ControlSlot = Arc::default();
     let slot = control.clone();
     let socket = args.socket.clone();
-    let force_copy = args.copy;
+    let (force_copy, pin_queues) = (args.copy, args.pin_queues);
     let access = Access {
         uids: args.allow_uid.clone(),
         gids: args.allow_gid.clone(),
@@ -145,6 +154,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let path = socket.unwrap_or_else(|| default_socket(&dev.volume));
         let expose = ExposeOptions {
             force_copy,
+            pin_queues,
             ..ExposeOptions::default()
         };
         match start_control(dev, volume, &path, access, expose) {

@@ -24,6 +24,7 @@ use tracing::{error, info, info_span, warn, Span};
 
 use crate::engine::{EngineError, SnapshotView, Volume, VolumeOpenOptions};
 
+use super::affinity::{self, QueueThreads};
 use super::error::{describe_ublk_error, Result, UblkLayerError};
 use super::features::{self, DataMode};
 use super::mounts;
@@ -66,6 +67,9 @@ pub struct ServeOptions {
     pub force_copy: bool,
     /// Read and write layer files through the page cache instead of with O_DIRECT.
     pub buffered: bool,
+    /// Keep each queue thread on the CPUs of its hardware queue (libublk's placement)
+    /// instead of letting it run on any CPU the daemon may use (see [`super::affinity`]).
+    pub pin_queues: bool,
 }
 
 /// A device that is up and serving, as reported to the caller once.
@@ -196,6 +200,7 @@ where
         params,
         target: recover::target_json(&volume_dir, volume.name()),
         span: span.clone(),
+        pin_queues: opts.pin_queues,
     };
     let live_volume = volume.clone();
     let run = run_device(&ctrl, spec, move |exited, nr_queues| {
@@ -242,6 +247,8 @@ pub(super) struct DeviceSpec {
     pub target: serde_json::Value,
     /// The device's span (device id and volume).
     pub span: Span,
+    /// Keep libublk's per-queue CPU pinning.
+    pub pin_queues: bool,
 }
 
 /// Starts the queues of the device `ctrl` was built for and runs it: `live` is called on
@@ -266,6 +273,13 @@ where
         ));
     };
     let exited = Arc::new(AtomicUsize::new(0));
+    let threads = QueueThreads::default();
+    // Read before libublk pins any queue thread: the CPUs the daemon may use.
+    let cpus = if spec.pin_queues {
+        None
+    } else {
+        affinity::own_cpus()
+    };
     let setup = QueueSetup {
         volume: spec.volume.clone(),
         snapshot: spec.snapshot.clone(),
@@ -273,6 +287,7 @@ where
         mode: spec.mode,
         span: span.clone(),
         exited: exited.clone(),
+        threads: threads.clone(),
     };
     let stop: Arc<Mutex<Option<StopReason>>> = Arc::new(Mutex::new(None));
     let size = spec.volume.size();
@@ -296,7 +311,12 @@ where
         move |ctrl: &UblkCtrl| {
             let _g = span.enter();
             let bdev = ctrl.get_bdev_path();
-            info!(mode = mode.name(), bdev = %bdev, "device is live");
+            // libublk pinned every queue thread before starting the device.
+            let queue_cpus = match &cpus {
+                Some(set) => threads.allow(set),
+                None => "pinned per queue".to_string(),
+            };
+            info!(mode = mode.name(), bdev = %bdev, queue_cpus = %queue_cpus, "device is live");
             let reason = live(&exited, nr_queues);
             *stop.lock() = Some(reason);
             stop_device(ctrl, &bdev, reason);

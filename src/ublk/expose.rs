@@ -44,6 +44,8 @@ pub struct ExposeOptions {
     pub depth: u16,
     /// Copy mode even if the driver offers zero copy.
     pub force_copy: bool,
+    /// Keep libublk's per-queue CPU pinning.
+    pub pin_queues: bool,
 }
 
 impl Default for ExposeOptions {
@@ -53,6 +55,7 @@ impl Default for ExposeOptions {
             queues: 1,
             depth: 64,
             force_copy: false,
+            pin_queues: false,
         }
     }
 }
@@ -137,6 +140,7 @@ pub fn expose(
         recover: false,
         force_copy: opts.force_copy,
         buffered: false,
+        pin_queues: opts.pin_queues,
     };
     check_options(&serve_opts)?;
     let volume_dir =
@@ -221,6 +225,7 @@ fn run_exposed(
         params,
         target: target_json(volume_dir, snapshot),
         span: span.clone(),
+        pin_queues: opts.pin_queues,
     };
     let ready_live = ready.clone();
     let live_bdev = bdev.clone();

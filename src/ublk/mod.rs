@@ -7,8 +7,10 @@
 //!   driven by the queue's ring completions, one request at a time.
 //! - [`worker`]: blocking engine calls (flush, discard, write zeroes) off the queues.
 //! - [`expose`]: a snapshot as a read-only device beside the volume's.
+//! - [`affinity`]: which CPUs the queue threads may run on.
 //! - [`features`]: zero copy (`UBLK_F_AUTO_BUF_REG`, 6.16+) or copy mode.
 
+pub mod affinity;
 pub mod device;
 pub mod error;
 pub mod expose;
