@@ -7,7 +7,7 @@
 //! turns on one core while the others idle. By default the daemon lets its queue
 //! threads run on every CPU it may use itself (its own affinity, so `taskset` and
 //! cpusets still bound it), and the scheduler puts server and client side by side;
-//! `--pin-queues` keeps libublk's placement.
+//! [`super::ServeOptions::pin_queues`] keeps libublk's placement.
 
 use std::sync::Arc;
 

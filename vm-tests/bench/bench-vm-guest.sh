@@ -39,6 +39,8 @@ Usage: bench-vm-guest.sh --rublk PATH [options]   (inside the test VM)
   --order ORDER      jobs (default): every device live at once, each job run on every
                      device in turn (so that drifting host load hits all alike);
                      devices: one device at a time, all its jobs, removed before the next
+  --pin-queues       serve snapblk with --pin-queues (queue threads pinned per queue,
+                     as libublk and so rublk place them)
   --jobs LIST        only these jobs, comma-separated names (default: all six:
                      randread-4k-qd1,randread-4k-qd32,seqread-128k-qd32,
                      randwrite-4k-qd1,randwrite-4k-qd32,seqwrite-128k-qd32)
@@ -46,7 +48,7 @@ Usage: bench-vm-guest.sh --rublk PATH [options]   (inside the test VM)
 EOF
 }
 
-ONLY_JOBS="" RUBLK="" RUNTIME=10 RAMP=2 SIZE_MIB=512 QUEUES=2 DEPTH=128 ROUNDS=1 BACKING=auto ORDER=jobs
+ONLY_JOBS="" RUBLK="" RUNTIME=10 RAMP=2 SIZE_MIB=512 QUEUES=2 DEPTH=128 ROUNDS=1 BACKING=auto ORDER=jobs PIN=()
 need_arg() { [ "$#" -ge 2 ] || { echo "bench-vm-guest: option $1 needs a value" >&2; exit 2; }; }
 while [ "$#" -gt 0 ]; do
     case "$1" in
@@ -60,6 +62,7 @@ while [ "$#" -gt 0 ]; do
         --backing) need_arg "$@"; BACKING="$2"; shift ;;
         --order) need_arg "$@"; ORDER="$2"; shift ;;
         --jobs) need_arg "$@"; ONLY_JOBS="$2"; shift ;;
+        --pin-queues) PIN=(--pin-queues) ;;
         -h | --help) usage; exit 0 ;;
         *) echo "bench-vm-guest: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -126,6 +129,7 @@ put_info depth "$DEPTH"
 put_info rounds "$ROUNDS"
 put_info cpus "$(nproc)"
 put_info order "$ORDER"
+put_info pin_queues "$([ "${#PIN[@]}" -gt 0 ] && echo yes || echo no)"
 put_info fio "$(fio --version)"
 put_info rublk "$("$RUBLK" --version 2>/dev/null | head -n 1 || echo unknown)"
 
@@ -298,7 +302,7 @@ snapblk_up() {
     [ "$mode" = copy ] && copy=(--copy)
     "$SNAPBLK" volume create "$vol" --size "${SIZE_MIB}M" >"$log/volume-create.out" 2>&1 \
         || why "$t" "snapblk volume create failed: $(last_lines "$log/volume-create.out")" || return 1
-    "$SNAPBLK" serve "$vol" --queues "$QUEUES" --depth "$DEPTH" "${copy[@]}" \
+    "$SNAPBLK" serve "$vol" --queues "$QUEUES" --depth "$DEPTH" "${copy[@]}" "${PIN[@]}" \
         >"$log/serve.out" 2>"$log/serve.log" &
     pid=$!
     SERVEPID[$t]="$pid"

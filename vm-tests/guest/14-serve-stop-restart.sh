@@ -6,6 +6,7 @@
 # the file system, the daemon exits, and the device is freed once it is unmounted.
 # SIGTERM under a QD32 write load: requests being served when the queues stop must
 # hold neither the daemon nor the device back, and the volume serves again after.
+# Queue threads may run on every CPU the daemon may use, unless --pin-queues.
 # timeout: 600
 set -euo pipefail
 . "$GUEST_LIB"
@@ -39,11 +40,30 @@ stop_with() {
     info "device $id removed"
 }
 
+# cpus_of PATH: the Cpus_allowed_list of a process or thread (/proc/PID[/task/TID]).
+cpus_of() { awk '/^Cpus_allowed_list/ {print $2}' "$1/status"; }
+
+# narrower_threads PID: how many threads of PID may run on other CPUs than PID itself.
+narrower_threads() {
+    local pid="$1" own n=0 t
+    own="$(cpus_of "/proc/$pid")"
+    for t in /proc/"$pid"/task/*; do
+        [ "$(cpus_of "$t")" = "$own" ] || n=$((n + 1))
+    done
+    echo "$n"
+}
+
 MIB=$((1 << 20))
 "$SNAPBLK" volume create "$WORK/vol" --size 64M
 head -c $((64 * MIB)) /dev/urandom >"$WORK/pattern"
 
 start_serve "$WORK/vol" serve-1
+own="$(cpus_of "/proc/$SERVE_PID")"
+n="$(narrower_threads "$SERVE_PID")"
+[ "$n" = 0 ] || fail "$n thread(s) of the daemon are pinned narrower than its CPUs $own by default"
+grep -q "device is live.*queue_cpus=$own" "$RESULTS/serve-1.log" \
+    || fail "the live line does not say the queue threads run on CPUs $own"
+info "queue threads may run on CPUs $own"
 # Direct writes for the first half, buffered ones (no sync: closing the device
 # writes them back) for the second half.
 dd if="$WORK/pattern" of="$DEV" bs=1M count=32 oflag=direct status=none
@@ -59,7 +79,14 @@ info "all 64 MiB read back through a new daemon"
 dd if=/dev/zero of="$DEV" bs=1M seek=10 count=4 oflag=direct status=none
 stop_with INT
 
-start_serve "$WORK/vol" serve-3
+start_serve "$WORK/vol" serve-3 --pin-queues
+grep -q "device is live.*queue_cpus=pinned per queue" "$RESULTS/serve-3.log" \
+    || fail "the live line does not say the queue threads are pinned"
+if [ "$(nproc)" -ge 2 ]; then
+    n="$(narrower_threads "$SERVE_PID")"
+    [ "$n" -ge 1 ] || fail "--pin-queues on $(nproc) CPUs left every thread on all of them"
+    info "--pin-queues: $n queue thread(s) pinned to their queue's CPUs"
+fi
 dd if=/dev/zero of="$WORK/pattern" bs=1M seek=10 count=4 conv=notrunc status=none
 cmp "$DEV" "$WORK/pattern" || fail "data differs after the SIGINT stop"
 info "data intact after SIGINT"
