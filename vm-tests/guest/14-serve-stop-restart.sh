@@ -85,7 +85,7 @@ grep -q "device is live.*queue_cpus=pinned per queue" "$RESULTS/serve-3.log" \
 if [ "$(nproc)" -ge 2 ]; then
     n="$(narrower_threads "$SERVE_PID")"
     [ "$n" -ge 1 ] || fail "--pin-queues on $(nproc) CPUs left every thread on all of them"
-    info "--pin-queues: $n queue thread(s) pinned to their queue's CPUs"
+    info "--pin-queues: $n thread(s) pinned narrower than the daemon's CPUs $own"
 fi
 dd if=/dev/zero of="$WORK/pattern" bs=1M seek=10 count=4 conv=notrunc status=none
 cmp "$DEV" "$WORK/pattern" || fail "data differs after the SIGINT stop"
