@@ -5,6 +5,7 @@
 //! maps, snapshots; plain files, no kernel driver). `sys` holds small OS helpers.
 
 pub mod cli;
+pub mod csi;
 pub mod ctl;
 pub mod engine;
 pub mod stream;

@@ -1,0 +1,3 @@
+//! The CSI driver: Kubernetes' interface to snapblk volumes and snapshots.
+pub mod ids;
+pub mod proto;
