@@ -290,7 +290,10 @@ where
         threads: threads.clone(),
     };
     let stop: Arc<Mutex<Option<StopReason>>> = Arc::new(Mutex::new(None));
-    let size = spec.volume.size();
+    let size = spec
+        .snapshot
+        .as_ref()
+        .map_or_else(|| spec.volume.size(), SnapshotView::size);
     let (params, target, mode) = (spec.params, spec.target, spec.mode);
     let tgt_init = move |dev: &mut UblkDev| {
         dev.tgt.dev_size = size;
