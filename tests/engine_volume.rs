@@ -198,7 +198,7 @@ fn snapshot_names_are_checked_and_unique() {
     let v = create(&root.path().join("v"), MIB);
     for bad in ["", "-x", ".x", "a/b", "a b", &"x".repeat(129)] {
         assert!(
-            matches!(v.create_snapshot(bad), Err(EngineError::Invalid(_))),
+            matches!(v.create_snapshot(bad), Err(EngineError::InvalidName(_))),
             "{bad:?} accepted"
         );
     }

@@ -45,7 +45,7 @@ pub fn validate_snapshot_name(name: &str) -> Result<()> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if name.is_empty() || name.len() > 128 || !ok_chars || name.starts_with(['.', '-']) {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::InvalidName(format!(
             "snapshot name {name:?}: use 1 to 128 characters of letters, digits, '.', '_' and '-', not starting with '.' or '-'"
         )));
     }
