@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use snapblk::ctl::client::Client;
 use snapblk::ctl::protocol::{
-    Command, ErrorCode, FreezeArgs, FreezeMode, NameArgs, SnapshotCreateArgs, MAX_LINE,
+    CloneArgs, Command, ErrorCode, FreezeArgs, FreezeMode, NameArgs, ResizeArgs,
+    SnapshotCreateArgs, MAX_LINE,
 };
 use snapblk::ctl::server::{Access, Limits, Server};
 use snapblk::ctl::service::VolumeService;
@@ -368,4 +369,77 @@ fn exports_pin_their_snapshots_and_are_limited() {
     drop(j2);
     svc.handle(1, Command::SnapshotDelete(NameArgs { name: "a".into() }))
         .expect("delete a");
+}
+
+#[test]
+fn a_served_volume_clones_and_grows_through_the_socket() {
+    let root = scratch();
+    let (server, vol) = start(root.path());
+    let mut c = Client::connect(server.path()).expect("connect");
+    vol.write(0, &pattern_block(1), false).expect("write");
+    vol.write(4096 * 200, &pattern_block(2), false)
+        .expect("write");
+    c.call(Command::SnapshotCreate(SnapshotCreateArgs {
+        name: "s1".into(),
+        freeze: FreezeMode::None,
+        mount: None,
+        freeze_timeout_ms: None,
+    }))
+    .expect("snapshot");
+    // Changes after the snapshot do not reach the clone.
+    vol.write(0, &pattern_block(3), false).expect("write");
+
+    let clone = |c: &mut Client, name: &str, dir: &str| {
+        c.call(Command::SnapshotClone(CloneArgs {
+            name: name.into(),
+            dir: dir.into(),
+        }))
+    };
+    let dir = root.path().join("restored");
+    let dir_s = dir.to_string_lossy().into_owned();
+    let r = clone(&mut c, "s1", &dir_s).expect("clone while served");
+    assert_eq!(r["snapshot"], "s1");
+    assert_eq!(r["dir"], json!(dir_s));
+    let new_id = r["volume_id"].as_str().expect("volume id").to_string();
+    assert_ne!(new_id, vol.id());
+
+    // Refusals: the folder exists, a relative folder, no such snapshot, a bad name.
+    let e = clone(&mut c, "s1", &dir_s).expect_err("exists");
+    assert_eq!(e.code, ErrorCode::AlreadyExists);
+    let e = clone(&mut c, "s1", "relative/dir").expect_err("relative");
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    assert!(e.message.contains("absolute"), "{}", e.message);
+    let other = root.path().join("other").to_string_lossy().into_owned();
+    let e = clone(&mut c, "nope", &other).expect_err("no snapshot");
+    assert_eq!(e.code, ErrorCode::NotFound);
+    let e = clone(&mut c, "../x", &other).expect_err("bad name");
+    assert_eq!(e.code, ErrorCode::InvalidName);
+    assert!(!Path::new(&other).exists());
+
+    // Grow the served volume; the snapshot (and a clone of it) keeps its size.
+    let r = c
+        .call(Command::VolumeResize(ResizeArgs { size: 2 << 20 }))
+        .expect("grow");
+    assert_eq!(r, json!({ "size": 2 << 20, "device_resized": false }));
+    let st = c.call(Command::Status).expect("status");
+    assert_eq!(st["volume"]["size"], json!(2 << 20));
+    let e = c
+        .call(Command::VolumeResize(ResizeArgs { size: 1 << 20 }))
+        .expect_err("shrink");
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    let show = c
+        .call(Command::SnapshotShow(NameArgs { name: "s1".into() }))
+        .expect("show");
+    assert_eq!(show["snapshot"]["size"], json!(1 << 20));
+
+    // The clone, closed by the daemon, opens here and reads as the snapshot.
+    let restored = Volume::open(&dir).expect("the clone opens");
+    assert_eq!(restored.id(), new_id);
+    assert_eq!(restored.size(), 1 << 20);
+    let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    restored.read(0, &mut a).expect("read clone");
+    vol.read_snapshot("s1", 0, &mut b).expect("read snapshot");
+    assert!(a == b, "the clone differs from the snapshot");
+    assert_eq!(&a[..4096], &pattern_block(1)[..]);
+    drop(server);
 }

@@ -1,6 +1,9 @@
 //! Model-based property test of the engine: random sequences of writes, discards, flushes,
-//! snapshots, deletes, clones, reads, merges and crashes (also in the middle of metadata
-//! changes), each checked against a simple in-memory model after every step.
+//! snapshots, deletes, clones, grows, reads, merges and crashes (also in the middle of
+//! metadata changes), each checked against a simple in-memory model after every step.
+//! The volume starts smaller than the largest size requests name, so requests past the end
+//! are checked to be refused, and grows make them valid; snapshots and clones keep the size
+//! they were taken with.
 //!
 //! A process crash drops the volume without flushing and reopens it: every acknowledged
 //! write must still be there (a ublk device outlives its daemon, and the file system on it
@@ -23,7 +26,10 @@ use snapblk::engine::{faults, CreateOptions, EngineError, Volume};
 
 use common::{block_data, scratch, versions};
 
+/// Largest size the volume grows to, in blocks; requests range over it.
 const BLOCKS: usize = 40;
+/// Size the volume is created with, in blocks.
+const INITIAL_BLOCKS: usize = 24;
 const MAX_LEN: usize = 6;
 
 #[derive(Debug, Clone)]
@@ -31,6 +37,7 @@ enum MetaOp {
     Snapshot,
     Delete(usize),
     Clone(usize),
+    Resize(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +66,8 @@ enum Op {
     },
     ReadSnapshots,
     Changed(usize, usize),
+    /// Grow by this many blocks (0: the same size, a no-op), up to BLOCKS.
+    Resize(usize),
     Maintain,
     Crash,
     PowerLoss,
@@ -84,10 +93,11 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<usize>(), range()).prop_map(|(clone, (start, len))| Op::WriteClone { clone, start, len }),
         1 => Just(Op::ReadSnapshots),
         1 => (any::<usize>(), any::<usize>()).prop_map(|(a, b)| Op::Changed(a, b)),
+        2 => (0..=8usize).prop_map(Op::Resize),
         1 => Just(Op::Maintain),
         1 => Just(Op::Crash),
         2 => Just(Op::PowerLoss),
-        2 => (prop_oneof![Just(MetaOp::Snapshot), any::<usize>().prop_map(MetaOp::Delete), any::<usize>().prop_map(MetaOp::Clone)], 1u64..12)
+        2 => (prop_oneof![Just(MetaOp::Snapshot), any::<usize>().prop_map(MetaOp::Delete), any::<usize>().prop_map(MetaOp::Clone), (1..=8usize).prop_map(MetaOp::Resize)], 1u64..12)
             .prop_map(|(op, step)| Op::CrashDuring { op, step }),
     ]
 }
@@ -139,7 +149,7 @@ impl Harness {
         let vol = Volume::create(
             &dir,
             &CreateOptions {
-                size: (BLOCKS * bs) as u64,
+                size: (INITIAL_BLOCKS * bs) as u64,
                 block_size: bs as u32,
             },
         )
@@ -150,9 +160,9 @@ impl Harness {
             bs,
             vol: Some(vol),
             next_version: 1,
-            cur: vec![0; BLOCKS],
-            durable: vec![0; BLOCKS],
-            since_flush: vec![HashSet::new(); BLOCKS],
+            cur: vec![0; INITIAL_BLOCKS],
+            durable: vec![0; INITIAL_BLOCKS],
+            since_flush: vec![HashSet::new(); INITIAL_BLOCKS],
             head_min: BTreeSet::new(),
             head_max: BTreeSet::new(),
             touched_since_flush: BTreeSet::new(),
@@ -165,6 +175,49 @@ impl Harness {
 
     fn vol(&self) -> &Volume {
         self.vol.as_ref().expect("volume open")
+    }
+
+    /// The volume's size in blocks, as the model knows it.
+    fn blocks(&self) -> usize {
+        self.cur.len()
+    }
+
+    /// The model grows to `n` blocks: the new ones read as zeros.
+    fn grown(&mut self, n: usize) {
+        self.cur.resize(n, 0);
+        self.durable.resize(n, 0);
+        self.since_flush.resize(n, HashSet::new());
+    }
+
+    /// Grows the volume by `by` blocks (capped at BLOCKS).
+    fn resize(&mut self, by: usize) -> Result<(), EngineError> {
+        let n = (self.blocks() + by).min(BLOCKS);
+        self.vol().resize((n * self.bs) as u64)?;
+        self.grown(n);
+        Ok(())
+    }
+
+    /// Checks that a request reaching past the end is refused; true if it was in range.
+    fn in_range(
+        &self,
+        start: usize,
+        len: usize,
+        blocks: usize,
+        r: Result<(), EngineError>,
+    ) -> Result<bool, TestCaseError> {
+        if start + len <= blocks {
+            prop_assert!(r.is_ok(), "request in range failed: {:?}", r.err());
+            return Ok(true);
+        }
+        prop_assert!(
+            matches!(r, Err(EngineError::OutOfRange { .. })),
+            "request past the end ({} + {} > {}) gave {:?}",
+            start,
+            len,
+            blocks,
+            r
+        );
+        Ok(false)
     }
 
     fn set(&mut self, start: usize, len: usize, v: Option<u64>) {
@@ -193,14 +246,19 @@ impl Harness {
         (data, v)
     }
 
-    fn read_all(&self, read: impl Fn(&mut [u8]) -> Result<(), EngineError>) -> Vec<Option<u64>> {
-        let mut buf = vec![0u8; BLOCKS * self.bs];
+    fn read_all(
+        &self,
+        blocks: usize,
+        read: impl Fn(&mut [u8]) -> Result<(), EngineError>,
+    ) -> Vec<Option<u64>> {
+        let mut buf = vec![0u8; blocks * self.bs];
         read(&mut buf).expect("read");
         versions(&buf, self.bs)
     }
 
     fn check_live(&self) -> Result<(), TestCaseError> {
-        let got = self.read_all(|b| self.vol().read(0, b));
+        prop_assert_eq!(self.vol().size(), (self.blocks() * self.bs) as u64);
+        let got = self.read_all(self.blocks(), |b| self.vol().read(0, b));
         let want: Vec<_> = self.cur.iter().map(|&v| Some(v)).collect();
         prop_assert_eq!(got, want, "live volume differs from the model");
         Ok(())
@@ -219,8 +277,20 @@ impl Harness {
         let listed = self.listed();
         let model: Vec<String> = self.snaps.iter().map(|s| s.name.clone()).collect();
         prop_assert_eq!(listed, model, "snapshot list differs");
+        let bs = self.bs as u64;
         for s in &self.snaps {
-            let got = self.read_all(|b| self.vol().read_snapshot(&s.name, 0, b));
+            let n = s.content.len();
+            let info = self.vol().snapshot_info(&s.name).expect("info");
+            prop_assert_eq!(info.size, n as u64 * bs, "size of snapshot {}", &s.name);
+            let mut one = vec![0u8; self.bs];
+            prop_assert!(
+                self.vol()
+                    .read_snapshot(&s.name, n as u64 * bs, &mut one)
+                    .is_err(),
+                "read past the end of snapshot {}",
+                &s.name
+            );
+            let got = self.read_all(n, |b| self.vol().read_snapshot(&s.name, 0, b));
             let want: Vec<_> = s.content.iter().map(|&v| Some(v)).collect();
             prop_assert_eq!(got, want, "snapshot {} differs", s.name);
             let alloc = self.vol().allocated_extents(&s.name).expect("allocated");
@@ -230,7 +300,7 @@ impl Harness {
                     blocks.insert(b as usize);
                 }
             }
-            let min: BTreeSet<usize> = (0..BLOCKS).filter(|&b| s.content[b] != 0).collect();
+            let min: BTreeSet<usize> = (0..n).filter(|&b| s.content[b] != 0).collect();
             let max: BTreeSet<usize> = min.union(&s.maybe_allocated).copied().collect();
             prop_assert!(
                 min.is_subset(&blocks) && blocks.is_subset(&max),
@@ -242,7 +312,8 @@ impl Harness {
             );
         }
         for c in &self.clones {
-            let got = self.read_all(|b| c.vol.read(0, b));
+            prop_assert_eq!(c.vol.size(), c.content.len() as u64 * bs);
+            let got = self.read_all(c.content.len(), |b| c.vol.read(0, b));
             let want: Vec<_> = c.content.iter().map(|&v| Some(v)).collect();
             prop_assert_eq!(got, want, "clone {} differs", c.dir.display());
         }
@@ -271,7 +342,17 @@ impl Harness {
         }
         self.vol =
             Some(Volume::open(&self.dir).map_err(|e| TestCaseError::fail(format!("reopen: {e}")))?);
-        let got = self.read_all(|b| self.vol().read(0, b));
+        // A grow is durable when it returns; one interrupted may or may not have happened.
+        let size = self.vol().size();
+        let n = (size / self.bs as u64) as usize;
+        prop_assert!(
+            n >= self.blocks(),
+            "the volume shrank from {} to {} blocks in a crash",
+            self.blocks(),
+            n
+        );
+        self.grown(n);
+        let got = self.read_all(n, |b| self.vol().read(0, b));
         for (b, read) in got.into_iter().enumerate() {
             let v = read
                 .ok_or_else(|| TestCaseError::fail(format!("block {b} is torn after a crash")))?;
@@ -349,25 +430,29 @@ impl Harness {
         match op.clone() {
             Op::Write { start, len, fua } => {
                 let (data, v) = self.write_data(len);
-                self.vol()
-                    .write(start as u64 * bs, &data, fua)
-                    .expect("write");
-                self.set(start, len, Some(v));
-                if fua {
-                    self.flushed();
+                let r = self.vol().write(start as u64 * bs, &data, fua);
+                if self.in_range(start, len, self.blocks(), r)? {
+                    self.set(start, len, Some(v));
+                    if fua {
+                        self.flushed();
+                    }
                 }
             }
             Op::Discard { start, len } => {
-                self.vol()
-                    .discard(start as u64 * bs, len as u64 * bs)
-                    .expect("discard");
-                self.set(start, len, None);
+                let r = self.vol().discard(start as u64 * bs, len as u64 * bs);
+                if self.in_range(start, len, self.blocks(), r)? {
+                    self.set(start, len, None);
+                }
             }
             Op::WriteZeroes { start, len } => {
-                self.vol()
-                    .write_zeroes(start as u64 * bs, len as u64 * bs)
-                    .expect("write_zeroes");
-                self.set(start, len, None);
+                let r = self.vol().write_zeroes(start as u64 * bs, len as u64 * bs);
+                if self.in_range(start, len, self.blocks(), r)? {
+                    self.set(start, len, None);
+                }
+            }
+            Op::Resize(by) => {
+                self.resize(by).expect("resize");
+                self.check_snapshots()?;
             }
             Op::Flush => {
                 self.vol().flush().expect("flush");
@@ -389,12 +474,11 @@ impl Harness {
                 if !self.clones.is_empty() {
                     let (data, v) = self.write_data(len);
                     let c = clone % self.clones.len();
-                    self.clones[c]
-                        .vol
-                        .write(start as u64 * bs, &data, false)
-                        .expect("clone write");
-                    for b in start..start + len {
-                        self.clones[c].content[b] = v + (b - start) as u64;
+                    let r = self.clones[c].vol.write(start as u64 * bs, &data, false);
+                    if self.in_range(start, len, self.clones[c].content.len(), r)? {
+                        for b in start..start + len {
+                            self.clones[c].content[b] = v + (b - start) as u64;
+                        }
                     }
                 }
             }
@@ -489,6 +573,25 @@ impl Harness {
                             if !listed.contains(&name) {
                                 self.forget_snapshot(idx);
                             }
+                            self.check_snapshots()?;
+                            return Ok(());
+                        }
+                        r
+                    }
+                    MetaOp::Resize(by) => {
+                        let old = self.blocks();
+                        let r = self.resize(by);
+                        if r.is_err() {
+                            // crash() adopts the size found on reopening: old or new.
+                            self.crash()?;
+                            let n = self.blocks();
+                            prop_assert!(
+                                n == old || n == (old + by).min(BLOCKS),
+                                "an interrupted grow from {} by {} left {} blocks",
+                                old,
+                                by,
+                                n
+                            );
                             self.check_snapshots()?;
                             return Ok(());
                         }

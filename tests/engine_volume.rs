@@ -153,21 +153,23 @@ fn damaged_files_give_clear_errors_naming_the_file() {
     expect_err("truncated frozen map", "1.map");
     fs::write(&map, &orig).expect("restore");
 
-    // A truncated data file.
+    // A truncated data file: it no longer holds the block its map names. (A frozen
+    // layer's file may be shorter than the volume, which may have grown since.)
     let data = dir.join("layers/1.data");
+    let first = fs::read(&data).expect("read")[..4096].to_vec();
     fs::OpenOptions::new()
         .write(true)
         .open(&data)
         .expect("open")
-        .set_len(4096)
+        .set_len(2048)
         .expect("truncate");
     expect_err("short data file", "1.data");
-    fs::OpenOptions::new()
+    let f = fs::OpenOptions::new()
         .write(true)
         .open(&data)
-        .expect("open")
-        .set_len(MIB)
-        .expect("restore");
+        .expect("open");
+    f.set_len(MIB).expect("restore");
+    f.write_all_at(&first, 0).expect("restore");
 
     // A missing layer file.
     fs::rename(&data, dir.join("layers/1.moved")).expect("move");
@@ -196,7 +198,7 @@ fn snapshot_names_are_checked_and_unique() {
     let v = create(&root.path().join("v"), MIB);
     for bad in ["", "-x", ".x", "a/b", "a b", &"x".repeat(129)] {
         assert!(
-            matches!(v.create_snapshot(bad), Err(EngineError::Invalid(_))),
+            matches!(v.create_snapshot(bad), Err(EngineError::InvalidName(_))),
             "{bad:?} accepted"
         );
     }
@@ -497,4 +499,160 @@ fn a_completed_write_says_when_a_flush_is_due() {
     assert!(!vol.flush_advised());
     let ticket = vol.begin_write(0, 4096).expect("begin");
     assert!(!ticket.complete(), "no flush due right after one");
+}
+
+#[test]
+fn a_volume_grows_and_its_snapshots_and_clones_keep_their_size() {
+    let root = scratch();
+    let dir = root.path().join("v");
+    let v = create(&dir, MIB);
+    v.write(0, &block_data(1, 4096), false).expect("write");
+    v.create_snapshot("before").expect("snapshot");
+
+    // Same size: nothing to do. Smaller, unaligned or too large: refused, nothing changes.
+    v.resize(MIB).expect("same size");
+    for bad in [
+        MIB / 2,
+        2 * MIB + 100,
+        4096 * (snapblk::engine::MAX_BLOCKS + 1),
+    ] {
+        let e = v.resize(bad).expect_err("refused");
+        assert!(matches!(e, EngineError::Invalid(_)), "{e}");
+        assert_eq!(v.size(), MIB);
+    }
+    let e = v.resize(MIB / 2).expect_err("shrink").to_string();
+    assert!(e.contains("shrink"), "{e}");
+
+    v.resize(4 * MIB).expect("grow");
+    assert_eq!(v.size(), 4 * MIB);
+    assert_eq!(v.status().size, 4 * MIB);
+    // The new blocks read as zeros and take writes; the old data is still there.
+    let mut buf = vec![0u8; 4096];
+    v.read(3 * MIB, &mut buf).expect("read the new end");
+    assert!(buf.iter().all(|&b| b == 0));
+    v.write(4 * MIB - 4096, &block_data(2, 4096), false)
+        .expect("write at the new end");
+    v.read(0, &mut buf).expect("read");
+    assert_eq!(buf, block_data(1, 4096));
+    assert!(v.read(4 * MIB, &mut buf).is_err(), "past the new end");
+
+    // The snapshot taken before keeps its size, for reads too.
+    let info = v.snapshot_info("before").expect("info");
+    assert_eq!(info.size, MIB);
+    assert_eq!(v.snapshot_view("before").expect("view").size(), MIB);
+    assert!(v.read_snapshot("before", MIB, &mut buf).is_err());
+    v.create_snapshot("after").expect("snapshot");
+    assert_eq!(v.snapshot_info("after").expect("info").size, 4 * MIB);
+    let mut end = vec![0u8; 4096];
+    v.read_snapshot("after", 4 * MIB - 4096, &mut end)
+        .expect("read");
+    assert_eq!(end, block_data(2, 4096));
+
+    // A clone of the older snapshot has its size; one of the newer, the new size.
+    let c1 = v
+        .clone_snapshot("before", &root.path().join("c1"))
+        .expect("clone");
+    assert_eq!(c1.size(), MIB);
+    c1.read(0, &mut buf).expect("read clone");
+    assert_eq!(buf, block_data(1, 4096));
+    let c2 = v
+        .clone_snapshot("after", &root.path().join("c2"))
+        .expect("clone");
+    assert_eq!(c2.size(), 4 * MIB);
+    c1.close().expect("close");
+    c2.close().expect("close");
+    // A clone can grow on its own.
+    let c1 = Volume::open(&root.path().join("c1")).expect("open");
+    c1.resize(2 * MIB).expect("grow the clone");
+    c1.close().expect("close");
+    assert_eq!(
+        Volume::open(&root.path().join("c1")).expect("open").size(),
+        2 * MIB
+    );
+
+    // Deleting the old snapshot merges it into the newer one: sizes stay right.
+    v.delete_snapshot("before").expect("delete");
+    v.close().expect("close");
+    let v = Volume::open(&dir).expect("reopen");
+    assert_eq!(v.size(), 4 * MIB);
+    assert_eq!(v.snapshot_info("after").expect("info").size, 4 * MIB);
+    v.read(4 * MIB - 4096, &mut end).expect("read");
+    assert_eq!(end, block_data(2, 4096));
+}
+
+#[test]
+fn snapshots_of_manifests_without_sizes_keep_the_old_size_after_a_grow() {
+    let root = scratch();
+    let dir = root.path().join("v");
+    let v = create(&dir, MIB);
+    v.create_snapshot("old").expect("snapshot");
+    v.close().expect("close");
+    // Rewrite the manifest as a build that did not record snapshot sizes would have.
+    let path = dir.join("volume.json");
+    let text = fs::read_to_string(&path).expect("read");
+    let body = text.lines().next().expect("body");
+    let mut m: serde_json::Value = serde_json::from_str(body).expect("json");
+    for s in m["snapshots"].as_array_mut().expect("snapshots") {
+        s.as_object_mut().expect("object").remove("size");
+    }
+    let body = m.to_string();
+    fs::write(
+        &path,
+        format!("{body}\ncrc32c {:08x}\n", crc32c::crc32c(body.as_bytes())),
+    )
+    .expect("write");
+    let v = Volume::open(&dir).expect("open an old manifest");
+    assert_eq!(v.snapshot_info("old").expect("info").size, MIB);
+    v.resize(2 * MIB).expect("grow");
+    v.close().expect("close");
+    let v = Volume::open(&dir).expect("reopen");
+    assert_eq!(v.snapshot_info("old").expect("info").size, MIB);
+    assert_eq!(v.size(), 2 * MIB);
+}
+
+#[test]
+fn a_grow_interrupted_at_any_step_leaves_the_old_or_the_new_size() {
+    use snapblk::engine::faults;
+    let root = scratch();
+    for step in 1..=4 {
+        let dir = root.path().join(format!("v{step}"));
+        let v = create(&dir, MIB);
+        v.write(0, &block_data(7, 4096), true).expect("write");
+        faults::crash_after(step);
+        let r = v.resize(2 * MIB);
+        faults::disarm();
+        drop(v);
+        let v = Volume::open(&dir).expect("reopen");
+        assert!(
+            v.size() == MIB || v.size() == 2 * MIB,
+            "step {step}: {}",
+            v.size()
+        );
+        if r.is_ok() {
+            assert_eq!(v.size(), 2 * MIB, "step {step}");
+        }
+        let len = fs::metadata(dir.join("layers/1.data")).expect("stat").len();
+        assert_eq!(
+            len,
+            v.size(),
+            "step {step}: the head file has the volume's size"
+        );
+        let mut buf = vec![0u8; 4096];
+        v.read(0, &mut buf).expect("read");
+        assert_eq!(buf, block_data(7, 4096));
+        v.read(v.size() - 4096, &mut buf).expect("read the end");
+    }
+    // A real crash between extending the head's file and the commit (the injected one
+    // above undoes the extension): the open cuts the file back to the volume's size.
+    let dir = root.path().join("torn");
+    create(&dir, MIB).close().expect("close");
+    let head = dir.join("layers/1.data");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&head)
+        .and_then(|f| f.set_len(3 * MIB))
+        .expect("extend");
+    let v = Volume::open(&dir).expect("open");
+    assert_eq!(v.size(), MIB);
+    assert_eq!(fs::metadata(&head).expect("stat").len(), MIB);
 }

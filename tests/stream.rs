@@ -695,3 +695,28 @@ fn cli_exports_to_a_file_and_stdout_and_imports_from_stdin() {
         "nothing left behind"
     );
 }
+
+#[test]
+fn a_chain_across_a_grow_imports_each_snapshot_at_its_size() {
+    let root = scratch();
+    let src = create(&root.path().join("src"), 2 * MIB, 4096);
+    write_blocks(&src, 0, 4, 1);
+    src.create_snapshot("small").expect("small");
+    src.resize(3 * MIB).expect("grow");
+    write_blocks(&src, 3 * MIB / 4096 - 2, 2, 2);
+    src.create_snapshot("big").expect("big");
+
+    let full = export(&src, "small", None);
+    let inc = export(&src, "big", Some("small"));
+    let target = root.path().join("copy");
+    import(&target, &[("full", &full), ("inc", &inc)]).expect("import");
+    let dst = Volume::open(&target).expect("open");
+    assert_eq!(dst.size(), 3 * MIB);
+    for (snap, size) in [("small", 2 * MIB), ("big", 3 * MIB)] {
+        assert_eq!(dst.snapshot_info(snap).expect("info").size, size);
+        let (mut x, mut y) = (vec![0u8; size as usize], vec![0u8; size as usize]);
+        src.read_snapshot(snap, 0, &mut x).expect("read source");
+        dst.read_snapshot(snap, 0, &mut y).expect("read copy");
+        assert!(x == y, "snapshot {snap} differs");
+    }
+}

@@ -9,7 +9,9 @@ use parking_lot::Mutex;
 
 use crate::ctl::protocol::{CtlError, ErrorCode};
 use crate::ctl::server::{default_socket, Access, Limits, Server};
-use crate::ctl::service::{marker_path, DeviceInfo, Exposed, SnapshotExposer, VolumeService};
+use crate::ctl::service::{
+    marker_path, DeviceInfo, DeviceResizer, Exposed, SnapshotExposer, VolumeService,
+};
 use crate::engine::{SnapshotView, Volume};
 use crate::sys::mountinfo;
 use crate::ublk::{self, ExposeOptions, ExposedDevice, ServeOptions, ServingDevice};
@@ -32,6 +34,35 @@ impl SnapshotExposer for UblkExposer {
                 format!("cannot expose snapshot {name:?}: {e}"),
             )),
         }
+    }
+}
+
+/// Grows the volume's ublk device, for the control service.
+struct UblkResizer {
+    dev_id: u32,
+    path: String,
+}
+
+impl DeviceResizer for UblkResizer {
+    fn check(&self) -> Result<(), CtlError> {
+        if ublk::features::can_update_size(ublk::features::query_driver_features()) {
+            return Ok(());
+        }
+        Err(CtlError::new(
+            ErrorCode::Unsupported,
+            format!(
+                "growing a served volume needs Linux 6.16+ (the ublk driver's UBLK_F_UPDATE_SIZE, \
+                 to tell the kernel {} has grown); this driver lacks it, so nothing was changed. \
+                 Grow the volume while it is not served: stop the daemon, run \
+                 `snapblk volume resize DIR --size SIZE`, and serve it again",
+                self.path
+            ),
+        ))
+    }
+
+    fn resize(&self, size: u64) -> Result<(), CtlError> {
+        ublk::resize_device(self.dev_id, size)
+            .map_err(|e| CtlError::new(ErrorCode::Io, e.to_string()))
     }
 }
 
@@ -204,7 +235,11 @@ fn start_control(
             watchdog,
             Some(marker_path(path)),
         )
-        .with_exposer(Box::new(exposer)),
+        .with_exposer(Box::new(exposer))
+        .with_resizer(Box::new(UblkResizer {
+            dev_id: dev.dev_id,
+            path: dev.bdev_path.clone(),
+        })),
     );
     let server = Server::start(path, access, Limits::default(), service.clone())?;
     Ok((server, service))

@@ -38,23 +38,33 @@ impl VolumeArg {
 
     /// Connects to the daemon if one serves the volume, else falls back to the folder.
     pub fn resolve(&self) -> anyhow::Result<Target> {
-        if let Some(s) = &self.socket {
-            return Ok(Target::Daemon(Client::connect(s)?, s.clone()));
-        }
-        let sock = default_socket(&self.name());
-        if sock.exists() {
-            if let Ok(c) = Client::connect(&sock) {
-                return Ok(Target::Daemon(c, sock));
-            }
-        }
-        let dir = PathBuf::from(&self.volume);
-        if dir.is_dir() {
-            return Ok(Target::Folder(dir));
-        }
-        anyhow::bail!(
-            "volume {:?}: no daemon answers at {} and there is no volume folder of that name",
-            self.volume,
-            sock.display()
-        )
+        resolve(&self.volume, self.socket.as_deref())
     }
+}
+
+/// Where to send a command for `volume` (a folder, or the name of a served volume): the
+/// daemon at `socket` if given, else the daemon at the default socket of the volume's
+/// name if one answers, else the folder.
+pub fn resolve(volume: &str, socket: Option<&Path>) -> anyhow::Result<Target> {
+    if let Some(s) = socket {
+        return Ok(Target::Daemon(Client::connect(s)?, s.to_path_buf()));
+    }
+    let name = Path::new(volume)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| volume.to_string());
+    let sock = default_socket(&name);
+    if sock.exists() {
+        if let Ok(c) = Client::connect(&sock) {
+            return Ok(Target::Daemon(c, sock));
+        }
+    }
+    let dir = PathBuf::from(volume);
+    if dir.is_dir() {
+        return Ok(Target::Folder(dir));
+    }
+    anyhow::bail!(
+        "volume {volume:?}: no daemon answers at {} and there is no volume folder of that name",
+        sock.display()
+    )
 }

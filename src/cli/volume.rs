@@ -6,6 +6,8 @@ use clap::{Args, Subcommand};
 
 use super::output::{print, Format};
 use super::size::{human, parse_size};
+use super::target::{resolve, Target};
+use crate::ctl::protocol::{CloneArgs, Command, ResizeArgs};
 use crate::engine::{CreateOptions, Volume, VolumeStatus};
 
 /// Commands on volume folders.
@@ -21,14 +23,45 @@ pub enum VolumeCommand {
         format: Format,
     },
     /// Restore a snapshot into a new, independent volume, without copying data.
+    ///
+    /// Works whether or not the source is served (through its daemon when it is). The
+    /// new volume has the snapshot's size.
     Clone {
-        /// The source volume's folder.
-        dir: PathBuf,
+        /// The source volume: its folder, or the name of a served volume.
+        source: String,
         /// The snapshot to restore.
         snapshot: String,
         /// Folder of the new volume (must not exist).
         new_dir: PathBuf,
+        /// The source daemon's control socket [default: /run/snapblk/<volume name>.sock].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
     },
+    /// Grow a volume (through its daemon when it is served).
+    ///
+    /// Served, the daemon grows the volume, then tells the kernel the device's new size
+    /// (Linux 6.16+, UBLK_F_UPDATE_SIZE; on older kernels the request is refused and
+    /// nothing changes: stop the daemon, grow the folder, serve it again). Then grow the
+    /// file system on the device (resize2fs, xfs_growfs). Snapshots keep their size.
+    /// Volumes never shrink.
+    #[command(
+        after_help = "Examples:\n  snapblk volume resize /var/lib/snapblk/vol1 --size 20G   # not served\n  snapblk volume resize vol1 --size 20G                    # served: through its daemon"
+    )]
+    Resize(ResizeCmdArgs),
+}
+
+/// Arguments of `volume resize`.
+#[derive(Debug, Args)]
+pub struct ResizeCmdArgs {
+    /// The volume: its folder, or the name of a served volume (its folder's name).
+    pub volume: String,
+    /// New size, e.g. 20G (powers of 1024): a multiple of the block size, not smaller
+    /// than the volume (the same size changes nothing).
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// The daemon's control socket [default: /run/snapblk/<volume name>.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
 }
 
 /// Arguments of `volume create`.
@@ -69,21 +102,73 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
             print(format, &v.status(), render_status)
         }
         VolumeCommand::Clone {
-            dir,
+            source,
             snapshot,
             new_dir,
-        } => {
-            let v = Volume::open(&dir)?;
-            let c = v.clone_snapshot(&snapshot, &new_dir)?;
+            socket,
+        } => match resolve(&source, socket.as_deref())? {
+            Target::Daemon(mut c, _) => {
+                // The daemon does not share our working folder.
+                let dir = std::path::absolute(&new_dir)?;
+                let r = c.call(Command::SnapshotClone(CloneArgs {
+                    name: snapshot.clone(),
+                    dir: dir.to_string_lossy().into_owned(),
+                }))?;
+                println!(
+                    "cloned snapshot {snapshot} of {source} (served) into volume {} ({})",
+                    r["volume_id"].as_str().unwrap_or("?"),
+                    dir.display()
+                );
+                Ok(())
+            }
+            Target::Folder(dir) => {
+                let v = Volume::open(&dir)?;
+                let c = v.clone_snapshot(&snapshot, &new_dir)?;
+                println!(
+                    "cloned snapshot {snapshot} of {} into volume {} ({})",
+                    v.name(),
+                    c.name(),
+                    new_dir.display()
+                );
+                Ok(c.close()?)
+            }
+        },
+        VolumeCommand::Resize(a) => resize(a),
+    }
+}
+
+fn resize(a: ResizeCmdArgs) -> anyhow::Result<()> {
+    match resolve(&a.volume, a.socket.as_deref())? {
+        Target::Daemon(mut c, _) => {
+            let r = c.call(Command::VolumeResize(ResizeArgs { size: a.size }))?;
+            let resized = r["device_resized"].as_bool().unwrap_or(false);
             println!(
-                "cloned snapshot {snapshot} of {} into volume {} ({})",
-                v.name(),
-                c.name(),
-                new_dir.display()
+                "volume {} is {} ({} bytes){}",
+                a.volume,
+                human(a.size),
+                a.size,
+                if resized {
+                    "; the device has grown: grow the file system on it now"
+                } else {
+                    ""
+                }
             );
-            Ok(())
+        }
+        Target::Folder(dir) => {
+            let v = Volume::open(&dir)?;
+            let old = v.size();
+            v.resize(a.size)?;
+            v.close()?;
+            println!(
+                "volume {} grew from {} to {} ({} bytes)",
+                dir.display(),
+                human(old),
+                human(a.size),
+                a.size
+            );
         }
     }
+    Ok(())
 }
 
 /// Human text for a volume's status.

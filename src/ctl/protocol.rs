@@ -54,6 +54,9 @@ pub enum ErrorCode {
     NotFrozen,
     /// The operation did not finish in time.
     Timeout,
+    /// What was asked needs something this daemon, its driver or kernel lacks; the
+    /// message says what, and what to do instead.
+    Unsupported,
     /// An I/O error on the volume.
     Io,
     /// A bug or an unexpected state; the message says more.
@@ -120,6 +123,23 @@ pub struct ExportArgs {
     pub since: Option<String>,
 }
 
+/// Arguments of `snapshot.clone`: the snapshot, and the new volume's folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneArgs {
+    pub name: String,
+    /// Absolute path of the new volume's folder, which must not exist.
+    pub dir: String,
+}
+
+/// Arguments of `volume.resize`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeArgs {
+    /// The new size in bytes: a multiple of the block size, not smaller than the volume.
+    pub size: u64,
+}
+
 /// Arguments of `freeze` and `thaw`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -141,6 +161,8 @@ pub enum Command {
     SnapshotDelete(NameArgs),
     SnapshotExpose(NameArgs),
     SnapshotUnexpose(NameArgs),
+    SnapshotClone(CloneArgs),
+    VolumeResize(ResizeArgs),
     /// Answered by one reply line, then the stream's bytes until the connection closes.
     Export(ExportArgs),
     Freeze(FreezeArgs),
@@ -158,6 +180,8 @@ impl Command {
             Command::SnapshotDelete(_) => "snapshot.delete",
             Command::SnapshotExpose(_) => "snapshot.expose",
             Command::SnapshotUnexpose(_) => "snapshot.unexpose",
+            Command::SnapshotClone(_) => "snapshot.clone",
+            Command::VolumeResize(_) => "volume.resize",
             Command::Export(_) => "export",
             Command::Freeze(_) => "freeze",
             Command::Thaw(_) => "thaw",
@@ -172,6 +196,8 @@ impl Command {
             | Command::SnapshotDelete(a)
             | Command::SnapshotExpose(a)
             | Command::SnapshotUnexpose(a) => serde_json::to_value(a),
+            Command::SnapshotClone(a) => serde_json::to_value(a),
+            Command::VolumeResize(a) => serde_json::to_value(a),
             Command::Export(a) => serde_json::to_value(a),
             Command::Freeze(a) | Command::Thaw(a) => serde_json::to_value(a),
         };
@@ -246,6 +272,8 @@ impl Request {
             "snapshot.delete" => typed(cmd, args).map(Command::SnapshotDelete),
             "snapshot.expose" => typed(cmd, args).map(Command::SnapshotExpose),
             "snapshot.unexpose" => typed(cmd, args).map(Command::SnapshotUnexpose),
+            "snapshot.clone" => typed(cmd, args).map(Command::SnapshotClone),
+            "volume.resize" => typed(cmd, args).map(Command::VolumeResize),
             "export" => typed(cmd, args).map(Command::Export),
             "freeze" => typed(cmd, args).map(Command::Freeze),
             "thaw" => typed(cmd, args).map(Command::Thaw),
@@ -255,7 +283,7 @@ impl Request {
                     CtlError::new(
                         ErrorCode::UnknownCommand,
                         format!(
-                            "unknown command {other:?}; known: status, snapshot.create, snapshot.list, snapshot.show, snapshot.delete, snapshot.expose, snapshot.unexpose, export, freeze, thaw"
+                            "unknown command {other:?}; known: status, snapshot.create, snapshot.list, snapshot.show, snapshot.delete, snapshot.expose, snapshot.unexpose, snapshot.clone, volume.resize, export, freeze, thaw"
                         ),
                     ),
                 ))
@@ -318,6 +346,11 @@ mod tests {
             Command::SnapshotDelete(NameArgs { name: "a".into() }),
             Command::SnapshotExpose(NameArgs { name: "a".into() }),
             Command::SnapshotUnexpose(NameArgs { name: "a".into() }),
+            Command::SnapshotClone(CloneArgs {
+                name: "a".into(),
+                dir: "/vols/restored".into(),
+            }),
+            Command::VolumeResize(ResizeArgs { size: 1 << 30 }),
             Command::Export(ExportArgs {
                 snapshot: "b".into(),
                 since: Some("a".into()),
@@ -385,6 +418,18 @@ mod tests {
             ),
             (
                 r#"{"v":1,"cmd":"freeze","args":{"timeout_ms":"soon"}}"#,
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"v":1,"cmd":"volume.resize","args":{"size":-4096}}"#,
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"v":1,"cmd":"volume.resize","args":{"size":"20G"}}"#,
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"v":1,"cmd":"snapshot.clone","args":{"name":"a"}}"#,
                 ErrorCode::BadRequest,
             ),
         ];

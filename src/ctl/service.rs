@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 
 use super::freeze::{self, FreezeGuard};
 use super::protocol::{
-    Command, CtlError, ErrorCode, ExportArgs, FreezeArgs, FreezeMode, SnapshotCreateArgs,
-    DEFAULT_FREEZE_TIMEOUT, MAX_FREEZE_TIMEOUT,
+    CloneArgs, Command, CtlError, ErrorCode, ExportArgs, FreezeArgs, FreezeMode, ResizeArgs,
+    SnapshotCreateArgs, DEFAULT_FREEZE_TIMEOUT, MAX_FREEZE_TIMEOUT,
 };
 use crate::engine::{validate_snapshot_name, EngineError, SnapshotView, Volume};
 use crate::stream::{PreparedExport, StreamError};
@@ -78,6 +78,17 @@ pub trait Exposed: Send {
     fn device(&self) -> &str;
 }
 
+/// Tells the kernel that the block device serving the volume has grown. The daemon gives
+/// the service one backed by the ublk layer; without it (the volume not served as a
+/// device, host tests) only the volume grows.
+pub trait DeviceResizer: Send + Sync {
+    /// Whether the live device can follow a grow; `Err` (with code `unsupported` and what
+    /// to do instead) when it cannot, in which case the volume must not grow either.
+    fn check(&self) -> Result<(), CtlError>;
+    /// Sets the device's size to `size` bytes.
+    fn resize(&self, size: u64) -> Result<(), CtlError>;
+}
+
 /// The block device serving the volume, as the control layer needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceInfo {
@@ -93,11 +104,11 @@ pub struct DeviceInfo {
 /// Maps an engine error to a protocol error.
 pub fn engine_error(e: EngineError) -> CtlError {
     let code = match &e {
-        EngineError::SnapshotNotFound(_) => ErrorCode::NotFound,
-        EngineError::SnapshotExists(_) => ErrorCode::AlreadyExists,
-        EngineError::Invalid(_) if e.to_string().contains("snapshot name") => {
-            ErrorCode::InvalidName
+        EngineError::SnapshotNotFound(_) | EngineError::NotAVolume { .. } => ErrorCode::NotFound,
+        EngineError::SnapshotExists(_) | EngineError::AlreadyExists { .. } => {
+            ErrorCode::AlreadyExists
         }
+        EngineError::InvalidName(_) => ErrorCode::InvalidName,
         EngineError::Invalid(_)
         | EngineError::OutOfRange { .. }
         | EngineError::Unaligned { .. } => ErrorCode::BadRequest,
@@ -125,6 +136,8 @@ pub struct VolumeService {
     exposed: Mutex<BTreeMap<String, Box<dyn Exposed>>>,
     /// Exports streaming now.
     exports: Arc<Mutex<Exports>>,
+    /// Grows the device with the volume, if the daemon serves one.
+    resizer: Option<Box<dyn DeviceResizer>>,
 }
 
 impl VolumeService {
@@ -148,6 +161,7 @@ impl VolumeService {
             exposer: None,
             exposed: Mutex::new(BTreeMap::new()),
             exports: Arc::default(),
+            resizer: None,
         }
     }
 
@@ -181,6 +195,12 @@ impl VolumeService {
     /// The same service, able to expose snapshots through `exposer`.
     pub fn with_exposer(mut self, exposer: Box<dyn SnapshotExposer>) -> VolumeService {
         self.exposer = Some(exposer);
+        self
+    }
+
+    /// The same service, growing the device through `resizer` when the volume grows.
+    pub fn with_resizer(mut self, resizer: Box<dyn DeviceResizer>) -> VolumeService {
+        self.resizer = Some(resizer);
         self
     }
 
@@ -232,6 +252,8 @@ impl VolumeService {
             }
             Command::SnapshotExpose(a) => self.expose(&a.name),
             Command::SnapshotUnexpose(a) => self.unexpose(&a.name),
+            Command::SnapshotClone(a) => self.clone_snapshot(a),
+            Command::VolumeResize(a) => self.resize(a),
             Command::Export(_) => Err(CtlError::new(
                 ErrorCode::Internal,
                 "export is streamed by the server, not answered here",
@@ -304,6 +326,98 @@ impl VolumeService {
         drop(dev);
         tracing::info!(snapshot = name, device = %device, "snapshot unexposed");
         Ok(json!({ "snapshot": name, "device": device }))
+    }
+
+    /// Clones snapshot `a.name` into a new volume at `a.dir` (the daemon holds the source
+    /// volume's lock, so this is the way to clone a served volume's snapshot).
+    fn clone_snapshot(&self, a: CloneArgs) -> Result<Value, CtlError> {
+        validate_snapshot_name(&a.name).map_err(engine_error)?;
+        let dir = PathBuf::from(&a.dir);
+        if !dir.is_absolute() {
+            return Err(CtlError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "dir {:?} must be an absolute path (the daemon's working folder is not the client's)",
+                    a.dir
+                ),
+            ));
+        }
+        if dir.symlink_metadata().is_ok() {
+            return Err(CtlError::new(
+                ErrorCode::AlreadyExists,
+                format!(
+                    "{} already exists; a clone needs a new folder",
+                    dir.display()
+                ),
+            ));
+        }
+        // Snapshot operations one at a time: the snapshot cannot be deleted meanwhile.
+        let _one = self.snapshots.lock();
+        let clone = self
+            .volume
+            .clone_snapshot(&a.name, &dir)
+            .map_err(engine_error)?;
+        let volume_id = clone.id();
+        clone.close().map_err(engine_error)?;
+        tracing::info!(snapshot = %a.name, clone = %dir.display(), volume_id = %volume_id, "snapshot cloned into a new volume");
+        Ok(json!({ "snapshot": a.name, "dir": dir, "volume_id": volume_id }))
+    }
+
+    /// Grows the volume, then the device serving it. Refused before anything changes when
+    /// the device cannot follow (a device smaller than the volume is safe, a larger one is
+    /// not, so the volume grows first).
+    fn resize(&self, a: ResizeArgs) -> Result<Value, CtlError> {
+        let _one = self.snapshots.lock();
+        let old = self.volume.size();
+        if a.size < old {
+            return Err(CtlError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "cannot shrink the volume from {old} to {} bytes: volumes only grow",
+                    a.size
+                ),
+            ));
+        }
+        let resizer = match (&self.device, &self.resizer) {
+            (None, _) => None,
+            (Some(_), Some(r)) => {
+                r.check()?;
+                Some(r)
+            }
+            (Some(dev), None) => {
+                return Err(CtlError::new(
+                    ErrorCode::Unsupported,
+                    format!(
+                        "this daemon cannot resize its device {}; the volume was not grown",
+                        dev.path
+                    ),
+                ))
+            }
+        };
+        self.volume.resize(a.size).map_err(engine_error)?;
+        let Some(r) = resizer else {
+            return Ok(json!({ "size": a.size, "device_resized": false }));
+        };
+        // Also when the size did not change: a device that missed an earlier grow catches
+        // up, so asking again is the way to retry.
+        if let Err(e) = r.resize(a.size) {
+            let device = self
+                .device
+                .as_ref()
+                .map_or("the device", |d| d.path.as_str());
+            return Err(CtlError::new(
+                e.code,
+                format!(
+                    "the volume grew to {} bytes, but {device} could not be resized: {}. \
+                     This is safe: the device keeps its old size (the volume only has more \
+                     room than the device shows) until the same request succeeds or the \
+                     volume is served again",
+                    a.size, e.message
+                ),
+            ));
+        }
+        tracing::info!(old, new = a.size, "volume and device grown");
+        Ok(json!({ "size": a.size, "device_resized": true }))
     }
 
     fn device_number(&self) -> Option<(u32, u32)> {
@@ -446,7 +560,7 @@ pub fn marker_path(socket: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ctl::protocol::NameArgs;
+    use crate::ctl::protocol::{NameArgs, ResizeArgs};
     use crate::engine::CreateOptions;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -573,5 +687,112 @@ mod tests {
         svc.unexpose_all();
         assert_eq!(removed.load(Ordering::SeqCst), 2);
         assert_eq!(svc.exposed_devices().len(), 0);
+    }
+
+    /// A device that can or cannot grow, and remembers the sizes it was given.
+    struct FakeResizer {
+        supported: bool,
+        fail: bool,
+        sizes: Arc<Mutex<Vec<u64>>>,
+    }
+
+    impl DeviceResizer for FakeResizer {
+        fn check(&self) -> Result<(), CtlError> {
+            if self.supported {
+                Ok(())
+            } else {
+                Err(CtlError::new(ErrorCode::Unsupported, "needs Linux 6.16+"))
+            }
+        }
+        fn resize(&self, size: u64) -> Result<(), CtlError> {
+            if self.fail {
+                return Err(CtlError::new(ErrorCode::Io, "driver said no"));
+            }
+            self.sizes.lock().push(size);
+            Ok(())
+        }
+    }
+
+    fn served(vol: &Volume, supported: bool, fail: bool) -> (VolumeService, Arc<Mutex<Vec<u64>>>) {
+        let sizes = Arc::new(Mutex::new(vec![]));
+        let device = DeviceInfo {
+            path: "/dev/fake0".into(),
+            major: 259,
+            minor: 0,
+            mode: "copy".into(),
+        };
+        let svc = VolumeService::new(vol.clone(), Some(device), None, None).with_resizer(Box::new(
+            FakeResizer {
+                supported,
+                fail,
+                sizes: sizes.clone(),
+            },
+        ));
+        (svc, sizes)
+    }
+
+    fn resize(size: u64) -> Command {
+        Command::VolumeResize(ResizeArgs { size })
+    }
+
+    #[test]
+    fn resize_grows_the_volume_then_the_device_or_nothing() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let vol = Volume::create(
+            &tmp.path().join("v"),
+            &CreateOptions {
+                size: 1 << 20,
+                block_size: 4096,
+            },
+        )
+        .expect("volume");
+
+        // The device cannot follow: refused, and the volume did not grow either.
+        let (svc, sizes) = served(&vol, false, false);
+        let e = svc.handle(1, resize(2 << 20)).expect_err("unsupported");
+        assert_eq!(e.code, ErrorCode::Unsupported);
+        assert_eq!(vol.size(), 1 << 20);
+        assert!(sizes.lock().is_empty());
+
+        // It can: both grow; shrinking and bad sizes are refused.
+        let (svc, sizes) = served(&vol, true, false);
+        let r = svc.handle(1, resize(2 << 20)).expect("grow");
+        assert_eq!(r, json!({ "size": 2 << 20, "device_resized": true }));
+        assert_eq!(vol.size(), 2 << 20);
+        assert_eq!(*sizes.lock(), vec![2 << 20]);
+        let e = svc.handle(1, resize(1 << 20)).expect_err("shrink");
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(e.message.contains("shrink"), "{}", e.message);
+        let e = svc.handle(1, resize((3 << 20) + 1)).expect_err("unaligned");
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert_eq!(vol.size(), 2 << 20);
+
+        // The device fails after the volume grew: said so, and a retry catches up.
+        let (svc, _) = served(&vol, true, true);
+        let e = svc.handle(1, resize(3 << 20)).expect_err("device failed");
+        assert_eq!(e.code, ErrorCode::Io);
+        assert!(e.message.contains("the volume grew"), "{}", e.message);
+        assert!(e.message.contains("/dev/fake0"), "{}", e.message);
+        assert_eq!(vol.size(), 3 << 20);
+        let (svc, sizes) = served(&vol, true, false);
+        svc.handle(1, resize(3 << 20)).expect("retry");
+        assert_eq!(*sizes.lock(), vec![3 << 20]);
+
+        // Not served as a device: only the volume grows.
+        let plain = VolumeService::new(vol.clone(), None, None, None);
+        let r = plain.handle(1, resize(4 << 20)).expect("grow");
+        assert_eq!(r["device_resized"], false);
+        assert_eq!(vol.size(), 4 << 20);
+    }
+
+    #[test]
+    fn engine_errors_map_by_variant() {
+        let e = engine_error(EngineError::InvalidName("snapshot name \"-x\"".into()));
+        assert_eq!(e.code, ErrorCode::InvalidName);
+        // Mentioning a snapshot name does not make an error an invalid name any more.
+        let e = engine_error(EngineError::Invalid("the snapshot name is fine".into()));
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        let e = engine_error(EngineError::AlreadyExists { path: "/x".into() });
+        assert_eq!(e.code, ErrorCode::AlreadyExists);
     }
 }

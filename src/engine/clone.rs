@@ -13,7 +13,8 @@ use super::manifest::{LayerEntry, Manifest, Origin, FORMAT};
 use super::volume::{now_ms, random_id, write_new_volume, Volume};
 
 impl Volume {
-    /// Makes a new volume in `new_dir` holding snapshot `snapshot`'s content, and opens it.
+    /// Makes a new volume in `new_dir` holding snapshot `snapshot`'s content (and size: a
+    /// snapshot taken before the volume grew gives a clone of the old size), and opens it.
     /// Atomic: after a crash `new_dir` either is a whole volume or does not exist.
     pub fn clone_snapshot(&self, snapshot: &str, new_dir: &Path) -> Result<Volume> {
         if new_dir.exists() {
@@ -64,6 +65,7 @@ impl Volume {
                     ))
                 })?;
             let layers: Vec<_> = stack[..=pos].to_vec();
+            let size = entry.size_in(meta.manifest.size);
             // Link while holding the metadata lock, so no merge swaps these files meanwhile.
             for l in &layers {
                 self.link_layer(l, tmp)?;
@@ -83,7 +85,7 @@ impl Volume {
             let m = Manifest {
                 format: FORMAT,
                 volume_id: random_id(),
-                size: self.inner.size,
+                size,
                 block_size: self.inner.block_size,
                 created_unix_ms: now_ms(),
                 next_layer_id: head_id + 1,
@@ -116,7 +118,7 @@ impl Volume {
                     .create_new(true)
                     .open(&dst)
                     .map_err(|e| EngineError::io(&dst, e))?;
-                out.set_len(self.inner.size)
+                out.set_len(l.data_len()?)
                     .map_err(|e| EngineError::io(&dst, e))?;
                 let bs = u64::from(self.inner.block_size);
                 let present = l.state.read().map.present.clone();

@@ -24,9 +24,12 @@ pub enum EngineError {
         len: u64,
         block_size: u32,
     },
-    /// An argument that can never be valid (bad size, bad name...).
+    /// An argument that can never be valid (bad size, bad path...).
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// A snapshot name that is not allowed (the message says what is).
+    #[error("invalid argument: {0}")]
+    InvalidName(String),
     /// An I/O error on one of the volume's files.
     #[error("{}: {err}", path.display())]
     Io { path: PathBuf, err: io::Error },
@@ -66,7 +69,8 @@ impl EngineError {
         match self {
             EngineError::OutOfRange { .. }
             | EngineError::Unaligned { .. }
-            | EngineError::Invalid(_) => libc::EINVAL,
+            | EngineError::Invalid(_)
+            | EngineError::InvalidName(_) => libc::EINVAL,
             EngineError::Io { err, .. } => err.raw_os_error().unwrap_or(libc::EIO),
             EngineError::Corrupt { .. }
             | EngineError::UnsupportedVersion { .. }

@@ -1,5 +1,10 @@
-//! One layer of a volume: a sparse data file of the volume's size, its map, and for the
-//! writable head the journal and the count of writes in flight that a cut drains.
+//! One layer of a volume: a sparse data file, its map, and for the writable head the
+//! journal and the count of writes in flight that a cut drains.
+//!
+//! The head's data file has the volume's size. A frozen layer's file keeps the size the
+//! volume had when the layer was sealed (a volume only grows, and a frozen file may be
+//! shared with clones, so it is never extended): it is at most the volume's size and holds
+//! every block its map names.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -157,7 +162,7 @@ impl Layer {
     }
 
     /// Creates an empty frozen layer with no journals: the target of a merge, whose map
-    /// the caller writes.
+    /// the caller writes; `size` is the length of the layer it replaces.
     pub fn create_merge_target(dir: &Path, id: u64, size: u64, direct: bool) -> Result<Layer> {
         let dpath = data_path(dir, id);
         let data = open_data(&dpath, direct, Some(size))?;
@@ -186,9 +191,15 @@ impl Layer {
             .map_err(|e| EngineError::io(&dpath, e))?
             .len();
         if len < size {
-            // A head created just before a crash, whose size was never flushed: it holds no
-            // flushed data past its end (data is synced before the map names it).
-            tracing::info!(path = %dpath.display(), len, size, "extending a head layer whose creation was interrupted");
+            // A head created just before a crash, whose size was never flushed, or a grow
+            // that committed before the file's new length was durable: it holds no flushed
+            // data past its end (data is synced before the map names it).
+            tracing::info!(path = %dpath.display(), len, size, "extending a head layer whose creation or growth was interrupted");
+            data.set_len(size).map_err(|e| EngineError::io(&dpath, e))?;
+        } else if len > size {
+            // A grow interrupted before its manifest commit: requests were checked against
+            // the committed size, so nothing was written past it.
+            tracing::info!(path = %dpath.display(), len, size, "cutting back a head layer whose growth did not commit");
             data.set_len(size).map_err(|e| EngineError::io(&dpath, e))?;
         }
         check_size(&data, &dpath, size)?;
@@ -215,12 +226,39 @@ impl Layer {
         Ok(Layer::new(id, data, dpath, state, Some(log), false))
     }
 
-    /// Opens the frozen layer `id`; its map must be whole and sealed.
-    pub fn open_frozen(dir: &Path, id: u64, size: u64, direct: bool) -> Result<Layer> {
+    /// Opens the frozen layer `id` of a volume of `size` bytes; its map must be whole and
+    /// sealed, and its data file must hold every block the map names.
+    pub fn open_frozen(
+        dir: &Path,
+        id: u64,
+        size: u64,
+        block_size: u32,
+        direct: bool,
+    ) -> Result<Layer> {
         let dpath = data_path(dir, id);
         let data = open_data(&dpath, direct, None)?;
-        check_size(&data, &dpath, size)?;
+        let len = data
+            .metadata()
+            .map_err(|e| EngineError::io(&dpath, e))?
+            .len();
+        if len > size {
+            return Err(EngineError::corrupt(
+                &dpath,
+                format!("layer data file is {len} bytes, larger than the volume ({size} bytes)"),
+            ));
+        }
         let mut map = MapLog::read_sealed(&map_path(dir, id), id)?;
+        if let Some(last) = map.present.max() {
+            let need = (u64::from(last) + 1) * u64::from(block_size);
+            if need > len {
+                return Err(EngineError::corrupt(
+                    &dpath,
+                    format!(
+                        "layer data file is {len} bytes, but its map names data up to byte {need}"
+                    ),
+                ));
+            }
+        }
         map.optimize();
         let state = LayerState {
             map,
@@ -366,6 +404,15 @@ impl Layer {
     /// True when the volatile journal is filling up and a flush would be wise.
     pub fn wants_flush(&self) -> bool {
         self.state.read().wants_flush()
+    }
+
+    /// Length of the data file in bytes.
+    pub fn data_len(&self) -> Result<u64> {
+        Ok(self
+            .data
+            .metadata()
+            .map_err(|e| EngineError::io(&self.data_path, e))?
+            .len())
     }
 
     /// Blocks with data in this layer.

@@ -129,7 +129,10 @@ impl Volume {
         let target = if upper.is_shared()? {
             // A clone shares the upper layer: build the merged layer in a new file.
             let id = self.inner.meta.lock().take_layer_id();
-            let fresh = Layer::create_merge_target(dir, id, self.inner.size, self.inner.direct)?;
+            // As long as the file it replaces: the size the volume had when it was sealed,
+            // so a clone of its snapshot can use it.
+            let len = upper.data_len()?;
+            let fresh = Layer::create_merge_target(dir, id, len, self.inner.direct)?;
             let present = upper.state.read().map.present.clone();
             for (s, e) in runs(&present) {
                 fsutil::copy_range(

@@ -4,7 +4,8 @@
 //! `volume.json` holds one line of JSON and a second line `crc32c <8 hex digits>` over the
 //! first line's bytes, so a damaged manifest is refused instead of half-trusted.
 //!
-//! Format changelog: version 1, the first.
+//! Format changelog: version 1, the first; later within version 1, the optional `size` of
+//! snapshot entries (volumes can grow; see docs/engine.md).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,17 @@ pub struct SnapshotEntry {
     pub name: String,
     pub layer: u64,
     pub created_unix_ms: u64,
+    /// Size of the volume when the snapshot was taken. Absent in manifests written before
+    /// volumes could grow: such a snapshot has the volume's size (a grow fills it in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+impl SnapshotEntry {
+    /// The snapshot's size in bytes, given the volume's.
+    pub fn size_in(&self, volume_size: u64) -> u64 {
+        self.size.unwrap_or(volume_size)
+    }
 }
 
 /// Where a cloned volume came from (for information; the clone is independent).
@@ -168,6 +180,16 @@ impl Manifest {
             if !snap_layers.insert(s.layer) {
                 return Err(format!("layer {} is the layer of two snapshots", s.layer));
             }
+            if let Some(size) = s.size {
+                check_geometry(size, self.block_size)
+                    .map_err(|e| format!("snapshot {:?}: {e}", s.name))?;
+                if size > self.size {
+                    return Err(format!(
+                        "snapshot {:?} is {size} bytes, larger than the volume ({} bytes)",
+                        s.name, self.size
+                    ));
+                }
+            }
             if s.id >= self.next_snapshot_id {
                 return Err(format!(
                     "snapshot id {} is not below next_snapshot_id",
@@ -236,6 +258,7 @@ mod tests {
                 name: "a".into(),
                 layer: 1,
                 created_unix_ms: 5,
+                size: None,
             }],
             origin: None,
         }
@@ -283,5 +306,37 @@ mod tests {
         let mut m = sample();
         m.size = 4096 * (MAX_BLOCKS + 1);
         assert!(m.validate().is_err(), "too large");
+        let mut m = sample();
+        m.snapshots[0].size = Some(2 << 20);
+        assert!(m.validate().is_err(), "snapshot larger than the volume");
+        let mut m = sample();
+        m.snapshots[0].size = Some(1000);
+        assert!(
+            m.validate().is_err(),
+            "snapshot size not a multiple of the block size"
+        );
+    }
+
+    #[test]
+    fn snapshot_size_is_optional_on_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A manifest written before snapshots recorded their size still loads, and such a
+        // snapshot has the volume's size.
+        let m = sample();
+        m.store(dir.path()).expect("store");
+        let text = fs::read_to_string(Manifest::path(dir.path())).expect("read");
+        assert!(
+            !text.contains("\"created_unix_ms\":5,\"size\""),
+            "an absent size is not written: {text}"
+        );
+        let back = Manifest::load(dir.path()).expect("load");
+        assert_eq!(back.snapshots[0].size, None);
+        assert_eq!(back.snapshots[0].size_in(back.size), 1 << 20);
+        let mut m = sample();
+        m.size = 2 << 20;
+        m.snapshots[0].size = Some(1 << 20);
+        m.store(dir.path()).expect("store");
+        let back = Manifest::load(dir.path()).expect("load");
+        assert_eq!(back.snapshots[0].size_in(back.size), 1 << 20);
     }
 }

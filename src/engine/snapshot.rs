@@ -13,7 +13,7 @@ use super::fsutil;
 use super::layer::{self, Layer};
 use super::manifest::{LayerEntry, SnapshotEntry};
 use super::plan;
-use super::volume::{now_ms, read_plan, Meta, Stack, Volume};
+use super::volume::{check_request, now_ms, read_plan, Meta, Stack, Volume};
 
 /// What a snapshot is, as listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,7 +21,7 @@ pub struct SnapshotInfo {
     pub id: u64,
     pub name: String,
     pub created_unix_ms: u64,
-    /// Size of the volume it captures, in bytes.
+    /// Size of the volume when it was taken, in bytes (a later grow does not change it).
     pub size: u64,
     /// Bytes of data held by the snapshot's own layer (written between the previous
     /// snapshot and this one): what deleting it may give back.
@@ -45,7 +45,7 @@ pub fn validate_snapshot_name(name: &str) -> Result<()> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if name.is_empty() || name.len() > 128 || !ok_chars || name.starts_with(['.', '-']) {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::InvalidName(format!(
             "snapshot name {name:?}: use 1 to 128 characters of letters, digits, '.', '_' and '-', not starting with '.' or '-'"
         )));
     }
@@ -63,10 +63,12 @@ impl Volume {
             return Err(EngineError::SnapshotExists(name.to_string()));
         }
         let new_id = meta.take_layer_id();
+        // The size only changes under the metadata lock, held here.
+        let size = meta.manifest.size;
         let new_head = Arc::new(Layer::create_head(
             &self.inner.dir,
             new_id,
-            self.inner.size,
+            size,
             self.inner.direct,
             &meta.manifest.volume_id,
         )?);
@@ -85,6 +87,7 @@ impl Volume {
             name: name.to_string(),
             layer: old_head.id,
             created_unix_ms: now_ms(),
+            size: Some(size),
         };
         self.commit_stack(&mut meta, Some(entry.clone()))?;
         let total = t0.elapsed();
@@ -104,7 +107,7 @@ impl Volume {
             "snapshot taken"
         );
         Ok(CutReport {
-            snapshot: self.info(&entry, &old_head),
+            snapshot: self.info(&entry, size, &old_head),
             drain,
             total,
         })
@@ -158,12 +161,12 @@ impl Volume {
         Ok(())
     }
 
-    fn info(&self, entry: &SnapshotEntry, layer: &Layer) -> SnapshotInfo {
+    fn info(&self, entry: &SnapshotEntry, volume_size: u64, layer: &Layer) -> SnapshotInfo {
         SnapshotInfo {
             id: entry.id,
             name: entry.name.clone(),
             created_unix_ms: entry.created_unix_ms,
-            size: self.inner.size,
+            size: entry.size_in(volume_size),
             owned_bytes: layer.present_blocks() * u64::from(self.inner.block_size),
         }
     }
@@ -179,7 +182,7 @@ impl Volume {
                 stack
                     .iter()
                     .find(|l| l.id == s.layer)
-                    .map(|l| self.info(s, l))
+                    .map(|l| self.info(s, meta.manifest.size, l))
             })
             .collect()
     }
@@ -231,6 +234,7 @@ impl Volume {
             })?;
         Ok(SnapshotView {
             layers: stack[..=pos].to_vec().into(),
+            size: entry.size_in(meta.manifest.size),
             volume: self.clone(),
         })
     }
@@ -287,6 +291,8 @@ impl Volume {
 #[derive(Clone)]
 pub struct SnapshotView {
     layers: Stack,
+    /// The snapshot's own size (the volume may have grown since).
+    size: u64,
     volume: Volume,
 }
 
@@ -299,7 +305,7 @@ impl SnapshotView {
 
     /// Where each part of a read of the snapshot comes from.
     pub fn plan_read(&self, offset: u64, len: u64) -> Result<plan::ReadPlan> {
-        let (start, end) = self.volume.blocks("read", offset, len)?;
+        let (start, end) = check_request("read", offset, len, self.size, self.volume.block_size())?;
         Ok(plan::plan(
             self.layers.clone(),
             start,
@@ -321,8 +327,8 @@ impl SnapshotView {
         result
     }
 
-    /// Size of the snapshot in bytes.
+    /// Size of the snapshot in bytes (the volume's when it was taken).
     pub fn size(&self) -> u64 {
-        self.volume.size()
+        self.size
     }
 }

@@ -4,6 +4,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -69,7 +70,10 @@ impl Meta {
 pub(crate) struct Inner {
     pub dir: PathBuf,
     pub name: String,
-    pub size: u64,
+    /// Size in bytes. Read on every request's bounds check; only [`Volume::resize`]
+    /// changes it (grows it), under the metadata lock, after the manifest says so and the
+    /// head's file can hold it.
+    pub size: AtomicU64,
     pub block_size: u32,
     pub direct: bool,
     pub stack: RwLock<Stack>,
@@ -237,7 +241,7 @@ impl Volume {
             let l = if i == top {
                 Layer::open_head(dir, entry.id, manifest.size, direct, &manifest.volume_id)?
             } else {
-                Layer::open_frozen(dir, entry.id, manifest.size, direct)?
+                Layer::open_frozen(dir, entry.id, manifest.size, manifest.block_size, direct)?
             };
             layers.push(Arc::new(l));
         }
@@ -253,7 +257,7 @@ impl Volume {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 name,
-                size: manifest.size,
+                size: AtomicU64::new(manifest.size),
                 block_size: manifest.block_size,
                 direct,
                 stack: RwLock::new(layers.into()),
@@ -272,9 +276,11 @@ impl Volume {
         self.inner.direct
     }
 
-    /// Size in bytes.
+    /// Size in bytes (it grows with [`Volume::resize`]).
     pub fn size(&self) -> u64 {
-        self.inner.size
+        // Acquire pairs with the store in `resize`, made once the head's file is long
+        // enough: whoever sees the new size may write up to it.
+        self.inner.size.load(Ordering::Acquire)
     }
 
     /// Logical block size in bytes.
@@ -303,25 +309,7 @@ impl Volume {
 
     /// Checks a request and converts it to blocks `[start, end)`.
     pub(crate) fn blocks(&self, op: &'static str, offset: u64, len: u64) -> Result<(u32, u64)> {
-        let bs = u64::from(self.inner.block_size);
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| e <= self.inner.size)
-            .ok_or(EngineError::OutOfRange {
-                op,
-                offset,
-                len,
-                size: self.inner.size,
-            })?;
-        if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
-            return Err(EngineError::Unaligned {
-                op,
-                offset,
-                len,
-                block_size: self.inner.block_size,
-            });
-        }
-        Ok(((offset / bs) as u32, end / bs))
+        check_request(op, offset, len, self.size(), self.inner.block_size)
     }
 
     /// Where each part of the read of `[offset, offset+len)` comes from.
@@ -420,11 +408,88 @@ impl Volume {
         stack[stack.len() - 1].wants_flush()
     }
 
+    /// Grows the volume to `new_size` bytes (a multiple of the block size); the same size
+    /// is a no-op, a smaller one is refused. Safe while the volume serves I/O: requests see
+    /// the new size as soon as this returns, and the new blocks read as zeros (no map names
+    /// them). Snapshots keep the size they were taken with, and so do their clones.
+    ///
+    /// Crash-safe: the head's data file is extended first (a sparse `set_len`: only the
+    /// writable head must hold blocks past the old end; frozen layers never receive writes,
+    /// may be shared with clones, and stay as they are), then the manifest's `size` changes
+    /// in one atomic commit. A crash before the commit leaves the old size (the open cuts a
+    /// head file that is longer than the volume back: nothing past the size was written);
+    /// after it, the new one (the open extends a head file that is too short).
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        let mut meta = self.inner.meta.lock();
+        let old = meta.manifest.size;
+        let bs = self.inner.block_size;
+        if new_size == old {
+            return Ok(());
+        }
+        if new_size < old {
+            return Err(EngineError::Invalid(format!(
+                "cannot shrink the volume from {old} to {new_size} bytes: volumes only grow (shrinking would cut off data a file system may use)"
+            )));
+        }
+        check_geometry(new_size, bs).map_err(EngineError::Invalid)?;
+        let mut m = meta.manifest.clone();
+        // Snapshots taken before now keep the size they have (older manifests left it out).
+        for s in &mut m.snapshots {
+            s.size.get_or_insert(old);
+        }
+        m.size = new_size;
+        // Holding the metadata lock: no cut or merge replaces the head meanwhile.
+        let stack = self.stack();
+        let head = &stack[stack.len() - 1];
+        head.data
+            .set_len(new_size)
+            .map_err(|e| EngineError::io(&head.data_path, e))?;
+        if let Err(e) = m.store(&self.inner.dir) {
+            // Not committed (or not known to be): keep serving the old size. Should the
+            // commit have landed after all, the next open extends the head again.
+            let _ = head.data.set_len(old);
+            return Err(e);
+        }
+        meta.manifest = m;
+        self.inner.size.store(new_size, Ordering::Release);
+        tracing::info!(volume = %self.inner.name, old, new = new_size, "volume grown");
+        Ok(())
+    }
+
     /// Flushes and closes the volume (dropping it without `close` is like a crash: what was
     /// not flushed may be lost).
     pub fn close(self) -> Result<()> {
         self.flush()
     }
+}
+
+/// Checks a request on a device of `size` bytes and converts it to blocks `[start, end)`.
+pub(crate) fn check_request(
+    op: &'static str,
+    offset: u64,
+    len: u64,
+    size: u64,
+    block_size: u32,
+) -> Result<(u32, u64)> {
+    let bs = u64::from(block_size);
+    let end = offset
+        .checked_add(len)
+        .filter(|&e| e <= size)
+        .ok_or(EngineError::OutOfRange {
+            op,
+            offset,
+            len,
+            size,
+        })?;
+    if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+        return Err(EngineError::Unaligned {
+            op,
+            offset,
+            len,
+            block_size,
+        });
+    }
+    Ok(((offset / bs) as u32, end / bs))
 }
 
 /// Copies the data a plan names into `buf`, with pread (the synchronous path).
@@ -546,7 +611,7 @@ impl Volume {
         VolumeStatus {
             name: self.inner.name.clone(),
             volume_id: meta.manifest.volume_id.clone(),
-            size: self.inner.size,
+            size: meta.manifest.size,
             block_size: self.inner.block_size,
             snapshots: meta.manifest.snapshots.len(),
             layers: stack.len(),

@@ -52,11 +52,11 @@ pub fn check_chain(streams: &[(&str, &StreamHeader)]) -> Result<()> {
                 ),
             ));
         }
-        if (s.volume_size, s.block_size) != (p.volume_size, p.block_size) {
+        if s.block_size != p.block_size || s.volume_size < p.volume_size {
             return Err(fail(
                 name,
                 format!(
-                    "volume of {} bytes with {}-byte blocks where the chain has {} bytes with {}-byte blocks",
+                    "volume of {} bytes with {}-byte blocks where the chain has {} bytes with {}-byte blocks (a volume may only grow along a chain)",
                     s.volume_size, s.block_size, p.volume_size, p.block_size
                 ),
             ));
@@ -144,6 +144,18 @@ mod tests {
         let same_name_new_id = h("v", snap("b", 2), Some(snap("a", 9)));
         let e = check(&[full.clone(), same_name_new_id]).expect_err("recreated base");
         assert!(e.contains("(id 9)"), "{e}");
+        // The volume grew between b and c: fine; shrinking along a chain is not.
+        let mut grown_c = inc_c.clone();
+        grown_c.source.volume_size = 2 << 20;
+        check(&[full.clone(), inc_b.clone(), grown_c.clone()]).expect("grown");
+        let mut shrunk = inc_c.clone();
+        shrunk.source.volume_size = 1 << 19;
+        let e = check(&[full.clone(), inc_b.clone(), shrunk]).expect_err("shrunk");
+        assert!(e.contains("only grow"), "{e}");
+        let mut other_bs = inc_b.clone();
+        other_bs.source.block_size = 512;
+        let e = check(&[full.clone(), other_bs]).expect_err("block size");
+        assert!(e.contains("512-byte blocks"), "{e}");
         let again = h("v", snap("a", 4), Some(snap("c", 3)));
         let e = check(&[full, inc_b, inc_c, again]).expect_err("name reused");
         assert!(e.contains("twice"), "{e}");

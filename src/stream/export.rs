@@ -156,7 +156,8 @@ impl PreparedExport {
         };
         let source = StreamSource {
             volume_id: volume.id(),
-            volume_size: volume.size(),
+            // The snapshot's own size: the volume may have grown since.
+            volume_size: info.size,
             block_size: volume.block_size(),
             snapshot: snapshot_ref(&info),
             base,

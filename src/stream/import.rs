@@ -131,6 +131,17 @@ fn build<R: Read>(
     )
     .map_err(engine(format!("creating the volume in {}", dir.display())))?;
     for r in readers.iter_mut() {
+        // The source grew between these snapshots: so does the copy (checked by the chain
+        // rules: never smaller).
+        let size = r.header().source.volume_size;
+        if size > volume.size() {
+            volume.resize(size).map_err(|err| StreamError::Engine {
+                stream: r.name().to_string(),
+                offset: r.position(),
+                context: format!("growing the new volume to {size} bytes"),
+                err,
+            })?;
+        }
         apply(&volume, r, progress)?;
         let name = r.header().source.snapshot.name.clone();
         let at = r.position();

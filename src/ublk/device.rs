@@ -290,7 +290,10 @@ where
         threads: threads.clone(),
     };
     let stop: Arc<Mutex<Option<StopReason>>> = Arc::new(Mutex::new(None));
-    let size = spec.volume.size();
+    let size = spec
+        .snapshot
+        .as_ref()
+        .map_or_else(|| spec.volume.size(), SnapshotView::size);
     let (params, target, mode) = (spec.params, spec.target, spec.mode);
     let tgt_init = move |dev: &mut UblkDev| {
         dev.tgt.dev_size = size;
@@ -357,6 +360,21 @@ fn open_volume(opts: &ServeOptions) -> Result<Volume> {
             }
         }
     }
+}
+
+/// Sets the size of the live device `dev_id` to `size` bytes (UPDATE_SIZE): the kernel
+/// then shows it, and a file system on it can grow. The caller checks first that the
+/// driver offers it ([`features::can_update_size`]) and that the volume is at least
+/// this large.
+pub fn resize_device(dev_id: u32, size: u64) -> Result<()> {
+    let id = i32::try_from(dev_id)
+        .map_err(|_| UblkLayerError::InvalidOption(format!("device id {dev_id} is too large")))?;
+    // A control opened by id only: dropping it leaves the device alone.
+    let ctrl = UblkCtrl::new_simple(id).map_err(|e| UblkLayerError::ublk("open device", e))?;
+    ctrl.update_size(size)
+        .map_err(|e| UblkLayerError::ublk("update device size", e))?;
+    info!(dev_id, size, "device resized");
+    Ok(())
 }
 
 /// Adds a new device with the flags the driver allows. Without `recovery` (snapshot

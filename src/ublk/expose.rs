@@ -145,7 +145,8 @@ pub fn expose(
     check_options(&serve_opts)?;
     let volume_dir =
         std::fs::canonicalize(volume.dir()).unwrap_or_else(|_| volume.dir().to_path_buf());
-    let params = params::device_params(volume.size(), volume.block_size(), MAX_IO_BYTES, true)?;
+    // The snapshot's own size: the volume may have grown since it was taken.
+    let params = params::device_params(view.size(), volume.block_size(), MAX_IO_BYTES, true)?;
     let (ready_tx, ready_rx) = channel::bounded::<Result<(u32, String, DataMode)>>(1);
     let (stop_tx, stop_rx) = channel::bounded::<()>(0);
     let volume = volume.clone();

@@ -50,6 +50,13 @@ pub fn query_driver_features() -> Option<u64> {
     libublk::ctrl::UblkCtrl::get_features()
 }
 
+/// Whether a driver with `features` can change a live device's size
+/// (`UBLK_U_CMD_UPDATE_SIZE`, Linux 6.16+). The flag is only advisory for the driver,
+/// but it is how a driver says it knows the command; older ones refuse it.
+pub fn can_update_size(features: Option<u64>) -> bool {
+    features.is_some_and(|f| f & u64::from(sys::UBLK_F_UPDATE_SIZE) != 0)
+}
+
 /// Chooses the ADD_DEV flags from the driver's features (None: unknown, older than 6.5).
 ///
 /// Always asks for user recovery with reissue, so a killed daemon can be replaced and
@@ -131,6 +138,13 @@ mod tests {
         let d = choose_device_flags(None, false);
         assert_eq!(d.mode, DataMode::Copy);
         assert_eq!(d.ctrl_flags, RECOVERY);
+    }
+
+    #[test]
+    fn update_size_needs_the_feature_bit() {
+        assert!(can_update_size(Some(u64::from(sys::UBLK_F_UPDATE_SIZE))));
+        assert!(!can_update_size(Some(RECOVERY)));
+        assert!(!can_update_size(None));
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub mod signals;
 pub mod tags;
 pub mod worker;
 
-pub use device::{default_queues, serve, ServeOptions, ServingDevice, CONTROL_PATH};
+pub use device::{default_queues, resize_device, serve, ServeOptions, ServingDevice, CONTROL_PATH};
 pub use error::{Result, UblkLayerError};
 pub use expose::{expose, ExposeOptions, ExposedDevice};
 pub use features::DataMode;

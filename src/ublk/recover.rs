@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use libublk::ctrl::UblkCtrl;
 use libublk::sys;
 use serde_json::{json, Value};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::error::{Result, UblkLayerError};
 
@@ -165,13 +165,23 @@ pub fn wait_recoverable(id: u32, size: u64, block_size: u32) -> Result<sys::ublk
         .map_err(|e| UblkLayerError::ublk("get device parameters", e))?;
     let want_sectors = size >> 9;
     let want_shift = block_size.trailing_zeros();
-    if p.basic.dev_sectors != want_sectors || u32::from(p.basic.logical_bs_shift) != want_shift {
+    // A device smaller than the volume is fine (the volume grew while the device waited
+    // for a daemon, or a device resize failed): it just shows less until served anew.
+    if p.basic.dev_sectors > want_sectors || u32::from(p.basic.logical_bs_shift) != want_shift {
         return Err(UblkLayerError::Recover(format!(
             "device {id} has {} sectors of {} bytes, the volume {} bytes in blocks of {block_size}",
             p.basic.dev_sectors,
             1u64 << p.basic.logical_bs_shift.min(63),
             size
         )));
+    }
+    if p.basic.dev_sectors < want_sectors {
+        warn!(
+            device_bytes = p.basic.dev_sectors << 9,
+            volume_bytes = size,
+            "the device is smaller than the volume (grown meanwhile): it keeps its size until \
+             the volume is resized through the control socket or served anew"
+        );
     }
     info!(
         queues = info.nr_hw_queues,
