@@ -10,6 +10,7 @@
 //! The engine knows nothing of ublk: it is plain files, tested on any machine.
 
 mod aligned;
+mod catalog;
 mod clone;
 mod error;
 mod extent;
@@ -26,6 +27,7 @@ mod vlog;
 mod volume;
 
 pub use aligned::AlignedBuf;
+pub use catalog::{destroy, summary, SnapshotSummary, VolumeSummary};
 pub use error::{EngineError, Result};
 pub use extent::Extent;
 pub use manifest::MAX_BLOCKS;

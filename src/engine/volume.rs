@@ -149,7 +149,7 @@ pub(crate) fn random_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn lock_volume(dir: &Path) -> Result<File> {
+pub(crate) fn lock_volume(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK_FILE);
     let f = OpenOptions::new()
         .read(true)
