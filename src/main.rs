@@ -8,7 +8,7 @@ fn main() {
     let cli = Cli::parse();
     // The daemon logs what it does; one-shot commands only warnings (RUST_LOG overrides).
     let default = match cli.command {
-        Command::Serve(_) => "info",
+        Command::Serve(_) | Command::Csi(_) => "info",
         _ => "warn",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));

@@ -1,5 +1,6 @@
 //! The command line: argument parsing only; each command calls into the layers below.
 
+pub mod csi;
 pub mod ctl;
 pub mod output;
 pub mod serve;
@@ -48,6 +49,9 @@ pub enum Command {
     Export(transfer::ExportArgs),
     /// Build a new volume from a full backup stream and the incrementals after it.
     Import(transfer::ImportArgs),
+    /// Run the CSI driver for Kubernetes: controller, node plugin, or both.
+    #[command(subcommand)]
+    Csi(csi::CsiCommand),
 }
 
 /// Runs the parsed command.
@@ -62,5 +66,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Export(a) => transfer::run_export(a),
         Command::Import(a) => transfer::run_import(a),
+        Command::Csi(c) => csi::run(c),
     }
 }

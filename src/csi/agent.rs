@@ -1,0 +1,210 @@
+//! The node side of the controller-to-node contract: the NodeAgent service, which does on
+//! this node what the controller decided, and the heartbeat that tells the controller
+//! where to find it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::auth::Token;
+use super::proto::node as pb;
+use super::proto::node::registry_client::RegistryClient;
+use super::registry::HEARTBEAT_INTERVAL;
+use super::status;
+use super::store::Store;
+
+/// Why this node cannot serve ublk devices right now, if it cannot.
+pub fn ublk_unready() -> Option<String> {
+    let ctl = std::path::Path::new("/dev/ublk-control");
+    if !ctl.exists() {
+        return Some(
+            "the ublk driver is not loaded (/dev/ublk-control is missing): run `modprobe ublk_drv` on the node (Linux 6.0 or newer, CONFIG_BLK_DEV_UBLK)".into(),
+        );
+    }
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(ctl) {
+        return Some(format!(
+            "cannot open /dev/ublk-control: {e} (the node plugin must run privileged, as root)"
+        ));
+    }
+    None
+}
+
+/// The NodeAgent service of one node.
+pub struct Agent {
+    pub node_id: String,
+    pub store: Arc<Store>,
+}
+
+impl Agent {
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, Status> + Send + 'static,
+    ) -> Result<Response<T>, Status> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(status::join)?
+            .map(Response::new)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::node_agent_server::NodeAgent for Agent {
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let node_id = self.node_id.clone();
+        self.run(move |s| {
+            let reason = ublk_unready();
+            Ok(pb::InfoResponse {
+                node_id,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                capacity: Some(s.capacity()?),
+                ready: reason.is_none(),
+                reason: reason.unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, err, fields(name = %req.get_ref().name))]
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        let r = req.into_inner();
+        self.run(move |s| {
+            Ok(pb::CreateVolumeResponse {
+                volume: Some(s.create(&r)?),
+            })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, err, fields(volume = %req.get_ref().key))]
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let r = req.into_inner();
+        self.run(move |s| s.delete(&r.key).map(|()| pb::DeleteVolumeResponse {}))
+            .await
+    }
+
+    #[tracing::instrument(skip_all, err, fields(volume = %req.get_ref().key))]
+    async fn expand_volume(
+        &self,
+        req: Request<pb::ExpandVolumeRequest>,
+    ) -> Result<Response<pb::ExpandVolumeResponse>, Status> {
+        let r = req.into_inner();
+        self.run(move |s| {
+            let (capacity_bytes, staged) = s.expand(&r.key, r.capacity_bytes)?;
+            Ok(pb::ExpandVolumeResponse {
+                capacity_bytes,
+                staged,
+            })
+        })
+        .await
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let r = req.into_inner();
+        self.run(move |s| {
+            Ok(pb::ListVolumesResponse {
+                volumes: s.volumes(&r.name),
+            })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, err, fields(volume = %req.get_ref().volume_key, name = %req.get_ref().name))]
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        self.run(move |s| {
+            Ok(pb::CreateSnapshotResponse {
+                snapshot: Some(s.snapshot(&r)?),
+            })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, err, fields(volume = %req.get_ref().volume_key, id = req.get_ref().id))]
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        self.run(move |s| {
+            s.delete_snapshot(&r.volume_key, r.id)
+                .map(|()| pb::DeleteSnapshotResponse {})
+        })
+        .await
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let r = req.into_inner();
+        self.run(move |s| {
+            Ok(pb::ListSnapshotsResponse {
+                snapshots: s.snapshots(&r),
+            })
+        })
+        .await
+    }
+}
+
+/// Sends heartbeats to the controller at `controller` forever, so it knows this node is
+/// alive at `agent_address`. Failures are logged (once per change) and retried.
+pub async fn heartbeat(controller: String, node_id: String, agent_address: String, token: Token) {
+    let mut interval = HEARTBEAT_INTERVAL;
+    let mut failing = false;
+    let endpoint = match tonic::transport::Endpoint::from_shared(controller.clone()) {
+        Ok(e) => e
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10)),
+        Err(e) => {
+            tracing::error!(controller, error = %e, "the controller address is not a valid URI: this node will not be registered");
+            return;
+        }
+    };
+    let mut client = RegistryClient::with_interceptor(endpoint.connect_lazy(), token.bearer());
+    loop {
+        let req = pb::HeartbeatRequest {
+            node_id: node_id.clone(),
+            agent_address: agent_address.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        match client.heartbeat(req).await {
+            Ok(r) => {
+                if failing {
+                    tracing::info!(controller, "the controller answers heartbeats again");
+                }
+                failing = false;
+                let ms = r.into_inner().interval_ms;
+                interval = Duration::from_millis(ms.clamp(1000, 60_000));
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(controller, error = %e.message(), code = ?e.code(), "heartbeat to the controller failed; retrying");
+                }
+                failing = true;
+            }
+        }
+        tokio::time::sleep(if failing {
+            Duration::from_secs(2)
+        } else {
+            interval
+        })
+        .await;
+    }
+}

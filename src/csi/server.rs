@@ -1,0 +1,205 @@
+//! Putting the services together: the CSI socket (Identity with Controller and/or Node),
+//! the node's NodeAgent and the controller's Registry on TCP, and the all-in-one process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use super::agent::Agent;
+use super::auth::Token;
+use super::controller::Controller;
+use super::daemon::{Daemons, Layout};
+use super::identity::{Identity, Role};
+use super::node::Node;
+use super::oplock::OpLocks;
+use super::proto::csi::{
+    controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
+};
+use super::proto::node::{node_agent_server::NodeAgentServer, registry_server::RegistryServer};
+use super::registry::{Registry, RegistryService, HEARTBEAT_INTERVAL};
+use super::store::Store;
+use super::transport;
+
+/// Ends the servers when it turns true.
+pub type Shutdown = watch::Receiver<bool>;
+
+async fn wait(mut s: Shutdown) {
+    while !*s.borrow() {
+        if s.changed().await.is_err() {
+            // The sender is gone: nobody can ask for a shutdown any more.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// What a node plugin needs to know about itself.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub node_id: String,
+    pub driver_name: String,
+    /// Holds the volume folders, daemon records, sockets and logs.
+    pub state_dir: PathBuf,
+    /// The snapblk binary the volume daemons run.
+    pub exe: PathBuf,
+    pub max_volumes: i64,
+}
+
+/// A node plugin's services, ready to serve.
+pub struct NodeParts {
+    pub node: Node,
+    pub agent: Agent,
+}
+
+/// Opens the node's state and adopts the volume daemons that outlived a previous plugin.
+pub fn node_parts(o: &NodeOptions) -> Result<NodeParts, String> {
+    if !super::ids::is_plain_name(&o.node_id, super::ids::MAX_NODE_LEN) {
+        return Err(format!(
+            "node id {:?}: use 1 to {} characters of letters, digits, '.', '_' and '-' (the Kubernetes node name)",
+            o.node_id,
+            super::ids::MAX_NODE_LEN
+        ));
+    }
+    let layout = Layout::new(&o.state_dir);
+    let daemons = Arc::new(Daemons::new(o.exe.clone(), layout.clone()));
+    let ops = OpLocks::default();
+    let store = Arc::new(
+        Store::open(layout, daemons.clone(), ops.clone()).map_err(|e| e.message().to_string())?,
+    );
+    for note in daemons.adopt() {
+        tracing::info!(node = %o.node_id, "{note}");
+    }
+    Ok(NodeParts {
+        node: Node {
+            node_id: o.node_id.clone(),
+            driver_name: o.driver_name.clone(),
+            max_volumes: o.max_volumes,
+            store: store.clone(),
+            daemons,
+            ops,
+        },
+        agent: Agent {
+            node_id: o.node_id.clone(),
+            store,
+        },
+    })
+}
+
+/// Serves the CSI services on the Unix socket at `socket` until `shutdown`.
+pub async fn serve_csi(
+    socket: &Path,
+    identity: Identity,
+    controller: Option<Controller>,
+    node: Option<Node>,
+    shutdown: Shutdown,
+) -> Result<(), String> {
+    let incoming = transport::bind_unix(socket)
+        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    tracing::info!(socket = %socket.display(), driver = %identity.driver_name, role = ?identity.role, "CSI endpoint listening");
+    let result = Server::builder()
+        .add_service(IdentityServer::new(identity))
+        .add_optional_service(controller.map(ControllerServer::new))
+        .add_optional_service(node.map(NodeServer::new))
+        .serve_with_incoming_shutdown(incoming, wait(shutdown))
+        .await;
+    let _ = std::fs::remove_file(socket);
+    result.map_err(|e| format!("CSI endpoint {}: {e}", socket.display()))
+}
+
+/// Serves the node's NodeAgent on `listener` (token required) until `shutdown`.
+pub async fn serve_agent(
+    listener: TcpListener,
+    agent: Agent,
+    token: Token,
+    shutdown: Shutdown,
+) -> Result<(), String> {
+    let addr = listener.local_addr().ok();
+    tracing::info!(address = ?addr, "node agent listening");
+    Server::builder()
+        .add_service(NodeAgentServer::with_interceptor(agent, token.checker()))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), wait(shutdown))
+        .await
+        .map_err(|e| format!("node agent {addr:?}: {e}"))
+}
+
+/// Serves the controller's Registry on `listener` (token required) until `shutdown`.
+pub async fn serve_registry(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    token: Token,
+    shutdown: Shutdown,
+) -> Result<(), String> {
+    let addr = listener.local_addr().ok();
+    tracing::info!(address = ?addr, "node registry listening");
+    Server::builder()
+        .add_service(RegistryServer::with_interceptor(
+            RegistryService(registry),
+            token.checker(),
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), wait(shutdown))
+        .await
+        .map_err(|e| format!("registry {addr:?}: {e}"))
+}
+
+/// Binds a TCP listener, with a message that names the flag on failure.
+pub async fn listen(addr: SocketAddr, flag: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("{flag} {addr}: {e}"))
+}
+
+/// The controller and the node of a single-node cluster in one process: the node's agent
+/// listens on loopback with a token made for the occasion, and registers itself with the
+/// controller directly.
+pub async fn run_all_in_one(
+    socket: &Path,
+    o: &NodeOptions,
+    shutdown: Shutdown,
+) -> Result<(), String> {
+    let parts = node_parts(o)?;
+    let token = Token::random();
+    let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0)), "agent").await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("agent address: {e}"))?;
+    let registry = Arc::new(Registry::new(token.clone()));
+    let agent_uri = format!("http://{addr}");
+    registry
+        .heard(&o.node_id, &agent_uri, env!("CARGO_PKG_VERSION"))
+        .map_err(|e| e.message().to_string())?;
+    let reg = registry.clone();
+    let node_id = o.node_id.clone();
+    let mut stop = shutdown.clone();
+    let beat = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+                _ = stop.changed() => return,
+            }
+            let _ = reg.heard(&node_id, &agent_uri, env!("CARGO_PKG_VERSION"));
+        }
+    });
+    let identity = Identity {
+        driver_name: o.driver_name.clone(),
+        role: Role::AllInOne,
+    };
+    let controller = Controller {
+        driver_name: o.driver_name.clone(),
+        registry,
+    };
+    let agent = serve_agent(listener, parts.agent, token, shutdown.clone());
+    let csi = serve_csi(
+        socket,
+        identity,
+        Some(controller),
+        Some(parts.node),
+        shutdown,
+    );
+    let (a, c) = tokio::join!(agent, csi);
+    beat.abort();
+    a.and(c)
+}

@@ -1,0 +1,1238 @@
+//! The CSI driver as a cluster uses it, without a kernel driver: a controller and two node
+//! plugins ("node-a", "node-b") in this process, each serving real gRPC (the CSI services
+//! on Unix sockets, the controller-to-node contract on loopback TCP with its token). The
+//! calls are the ones the Kubernetes sidecars make, with their fields; the node side of
+//! staging needs ublk and is proven in vm-tests/guest/20-csi-*.sh.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use snapblk::csi::agent;
+use snapblk::csi::auth::Token;
+use snapblk::csi::controller::Controller;
+use snapblk::csi::identity::{Identity, Role};
+use snapblk::csi::proto::csi::{
+    self, controller_client::ControllerClient, identity_client::IdentityClient,
+    node_client::NodeClient, volume_capability, volume_content_source,
+};
+use snapblk::csi::proto::node::{
+    self as pb, node_agent_client::NodeAgentClient, registry_client::RegistryClient,
+};
+use snapblk::csi::registry::Registry;
+use snapblk::csi::server::{self, NodeOptions};
+use snapblk::csi::transport::unix_channel;
+use snapblk::engine::Volume;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const DRIVER: &str = "csi.snapblk.io";
+const TOPO: &str = "topology.csi.snapblk.io/node";
+const MIB: i64 = 1 << 20;
+
+struct NodeProc {
+    sock: PathBuf,
+    state: PathBuf,
+    agent_addr: String,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+struct ControllerProc {
+    sock: PathBuf,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    token: Token,
+    registry_addr: std::net::SocketAddr,
+    controller: Option<ControllerProc>,
+    nodes: HashMap<String, NodeProc>,
+}
+
+async fn start_controller(dir: &Path, token: &Token, addr: std::net::SocketAddr) -> ControllerProc {
+    let sock = dir.join("controller.sock");
+    let (stop, rx) = watch::channel(false);
+    let registry = Arc::new(Registry::new(token.clone()));
+    // The address may still be held for a moment by the previous controller.
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let ctl = Controller {
+        driver_name: DRIVER.into(),
+        registry: registry.clone(),
+    };
+    let identity = Identity {
+        driver_name: DRIVER.into(),
+        role: Role::Controller,
+    };
+    let t1 = tokio::spawn({
+        let (token, rx) = (token.clone(), rx.clone());
+        async move {
+            server::serve_registry(listener, registry, token, rx)
+                .await
+                .expect("registry");
+        }
+    });
+    let s = sock.clone();
+    let t2 = tokio::spawn(async move {
+        server::serve_csi(&s, identity, Some(ctl), None, rx)
+            .await
+            .expect("csi");
+    });
+    wait_socket(&sock).await;
+    ControllerProc {
+        sock,
+        stop,
+        tasks: vec![t1, t2],
+    }
+}
+
+async fn start_node(
+    dir: &Path,
+    name: &str,
+    token: &Token,
+    registry: std::net::SocketAddr,
+) -> NodeProc {
+    let state = dir.join(name);
+    let sock = dir.join(format!("{name}.sock"));
+    let (stop, rx) = watch::channel(false);
+    let parts = server::node_parts(&NodeOptions {
+        node_id: name.into(),
+        driver_name: DRIVER.into(),
+        state_dir: state.clone(),
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_snapblk")),
+        max_volumes: 0,
+    })
+    .expect("node parts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let agent_addr = format!("http://{}", listener.local_addr().expect("addr"));
+    let t1 = tokio::spawn({
+        let (token, rx) = (token.clone(), rx.clone());
+        async move {
+            server::serve_agent(listener, parts.agent, token, rx)
+                .await
+                .expect("agent");
+        }
+    });
+    let identity = Identity {
+        driver_name: DRIVER.into(),
+        role: Role::Node,
+    };
+    let s = sock.clone();
+    let t2 = tokio::spawn(async move {
+        server::serve_csi(&s, identity, None, Some(parts.node), rx)
+            .await
+            .expect("csi");
+    });
+    let t3 = tokio::spawn(agent::heartbeat(
+        format!("http://{registry}"),
+        name.into(),
+        agent_addr.clone(),
+        token.clone(),
+    ));
+    wait_socket(&sock).await;
+    NodeProc {
+        sock,
+        state,
+        agent_addr,
+        stop,
+        tasks: vec![t1, t2, t3],
+    }
+}
+
+async fn wait_socket(p: &Path) {
+    for _ in 0..200 {
+        if p.exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} never appeared", p.display());
+}
+
+impl Cluster {
+    async fn new() -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = Token::new("test-token-0123456789abcdef").expect("token");
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        let registry_addr = probe.local_addr().expect("addr");
+        drop(probe);
+        let controller = start_controller(dir.path(), &token, registry_addr).await;
+        let mut c = Cluster {
+            dir,
+            token,
+            registry_addr,
+            controller: Some(controller),
+            nodes: HashMap::new(),
+        };
+        for n in ["node-a", "node-b"] {
+            let p = start_node(c.dir.path(), n, &c.token, c.registry_addr).await;
+            c.nodes.insert(n.into(), p);
+        }
+        c.wait_registered(&["node-a", "node-b"]).await;
+        c
+    }
+
+    fn ctl(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(unix_channel(
+            &self.controller.as_ref().expect("controller").sock,
+        ))
+    }
+
+    fn node(&self, n: &str) -> NodeClient<Channel> {
+        NodeClient::new(unix_channel(&self.nodes[n].sock))
+    }
+
+    /// Waits until the controller can place volumes on every node of `names`.
+    async fn wait_registered(&self, names: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut ok = true;
+            for n in names {
+                let r = self
+                    .ctl()
+                    .get_capacity(csi::GetCapacityRequest {
+                        accessible_topology: Some(topo(n)),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("capacity");
+                ok &= r.into_inner().available_capacity > 0;
+            }
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes {names:?} never registered"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn stop_node(&mut self, n: &str) {
+        let p = self.nodes.remove(n).expect("node");
+        let _ = p.stop.send(true);
+        for t in p.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    async fn restart_controller(&mut self) {
+        let c = self.controller.take().expect("controller");
+        let _ = c.stop.send(true);
+        for t in c.tasks {
+            let _ = t.await;
+        }
+        self.controller =
+            Some(start_controller(self.dir.path(), &self.token, self.registry_addr).await);
+    }
+
+    /// The folder of a volume on its node.
+    fn folder(&self, volume_id: &str) -> PathBuf {
+        let (node, key) = volume_id.split_once('/').expect("volume id");
+        self.nodes[node].state.join("volumes").join(key)
+    }
+}
+
+fn topo(node: &str) -> csi::Topology {
+    csi::Topology {
+        segments: HashMap::from([(TOPO.to_string(), node.to_string())]),
+    }
+}
+
+fn mount_cap(mode: volume_capability::access_mode::Mode, fs: &str) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(volume_capability::AccessMode { mode: mode as i32 }),
+        access_type: Some(volume_capability::AccessType::Mount(
+            volume_capability::MountVolume {
+                fs_type: fs.into(),
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+fn block_cap() -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(volume_capability::AccessMode {
+            mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(volume_capability::AccessType::Block(
+            volume_capability::BlockVolume {},
+        )),
+    }
+}
+
+use volume_capability::access_mode::Mode;
+
+/// The external-provisioner's CreateVolume for a WaitForFirstConsumer PVC whose pod the
+/// scheduler put on `selected` (default flags: requisite = every node, preferred rotated so
+/// the selected node comes first), with --extra-create-metadata.
+fn provisioner_request(
+    name: &str,
+    size: i64,
+    selected: &str,
+    all: &[&str],
+) -> csi::CreateVolumeRequest {
+    let mut sorted: Vec<&str> = all.to_vec();
+    sorted.sort();
+    let pos = sorted
+        .iter()
+        .position(|n| *n == selected)
+        .expect("selected");
+    let preferred: Vec<csi::Topology> = sorted[pos..]
+        .iter()
+        .chain(sorted[..pos].iter())
+        .map(|n| topo(n))
+        .collect();
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: size,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap(Mode::SingleNodeMultiWriter, "ext4")],
+        parameters: HashMap::from([
+            ("csi.storage.k8s.io/pvc/name".into(), "data".into()),
+            ("csi.storage.k8s.io/pvc/namespace".into(), "db".into()),
+            ("csi.storage.k8s.io/pv/name".into(), name.into()),
+        ]),
+        accessibility_requirements: Some(csi::TopologyRequirement {
+            requisite: sorted.iter().map(|n| topo(n)).collect(),
+            preferred,
+        }),
+        ..Default::default()
+    }
+}
+
+fn snapshotter_request(name: &str, volume_id: &str) -> csi::CreateSnapshotRequest {
+    csi::CreateSnapshotRequest {
+        source_volume_id: volume_id.into(),
+        name: name.into(),
+        parameters: HashMap::from([
+            (
+                "csi.storage.k8s.io/volumesnapshot/name".into(),
+                "before-upgrade".into(),
+            ),
+            (
+                "csi.storage.k8s.io/volumesnapshot/namespace".into(),
+                "db".into(),
+            ),
+            (
+                "csi.storage.k8s.io/volumesnapshotcontent/name".into(),
+                "snapcontent-x".into(),
+            ),
+        ]),
+        ..Default::default()
+    }
+}
+
+fn restore_request(
+    name: &str,
+    size: i64,
+    snapshot_id: &str,
+    node: &str,
+) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        volume_content_source: Some(csi::VolumeContentSource {
+            r#type: Some(volume_content_source::Type::Snapshot(
+                volume_content_source::SnapshotSource {
+                    snapshot_id: snapshot_id.into(),
+                },
+            )),
+        }),
+        ..provisioner_request(name, size, node, &[node])
+    }
+}
+
+/// Writes `data` at `offset` of the (unserved) volume whose folder is `dir`.
+fn write_volume(dir: &Path, offset: u64, data: &[u8]) {
+    let v = Volume::open(dir).expect("open volume");
+    v.write(offset, data, false).expect("write");
+    v.close().expect("close");
+}
+
+fn read_volume(dir: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let v = Volume::open(dir).expect("open volume");
+    let mut buf = vec![0u8; len];
+    v.read(offset, &mut buf).expect("read");
+    v.close().expect("close");
+    buf
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => {
+            assert!(!s.message().is_empty(), "an error without a message: {s:?}");
+            s.code()
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_and_node_info() {
+    let c = Cluster::new().await;
+    for sock in [
+        &c.controller.as_ref().expect("ctl").sock,
+        &c.nodes["node-a"].sock,
+    ] {
+        let mut id = IdentityClient::new(unix_channel(sock));
+        let info = id
+            .get_plugin_info(csi::GetPluginInfoRequest {})
+            .await
+            .expect("info")
+            .into_inner();
+        assert_eq!(info.name, DRIVER);
+        assert!(!info.vendor_version.is_empty());
+        let caps = id
+            .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+            .await
+            .expect("caps")
+            .into_inner()
+            .capabilities;
+        let text = format!("{caps:?}");
+        assert_eq!(caps.len(), 3, "{text}");
+    }
+    let mut ctl_id = IdentityClient::new(unix_channel(&c.controller.as_ref().expect("ctl").sock));
+    let probe = ctl_id
+        .probe(csi::ProbeRequest {})
+        .await
+        .expect("controller probe");
+    assert_eq!(probe.into_inner().ready, Some(true));
+    // A node without the ublk driver is not ready, and says why.
+    if !Path::new("/dev/ublk-control").exists() {
+        let mut node_id = IdentityClient::new(unix_channel(&c.nodes["node-a"].sock));
+        let e = node_id
+            .probe(csi::ProbeRequest {})
+            .await
+            .expect_err("no ublk here");
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        assert!(e.message().contains("ublk_drv"), "{}", e.message());
+    }
+    let info = c
+        .node("node-b")
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .expect("node info")
+        .into_inner();
+    assert_eq!(info.node_id, "node-b");
+    assert_eq!(info.accessible_topology, Some(topo("node-b")));
+    let ncaps = c
+        .node("node-a")
+        .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+        .await
+        .expect("node caps")
+        .into_inner()
+        .capabilities;
+    assert_eq!(ncaps.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provision_snapshot_restore_across_two_nodes() {
+    let c = Cluster::new().await;
+    let mut ctl = c.ctl();
+    let all = ["node-a", "node-b"];
+
+    // WaitForFirstConsumer: the volume goes where the pod was scheduled.
+    let req = provisioner_request(
+        "pvc-4b1e7c1a-0000-4000-8000-000000000001",
+        64 * MIB,
+        "node-b",
+        &all,
+    );
+    let vol = ctl
+        .create_volume(req.clone())
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert!(vol.volume_id.starts_with("node-b/"), "{}", vol.volume_id);
+    assert_eq!(vol.capacity_bytes, 64 * MIB);
+    assert_eq!(vol.accessible_topology, vec![topo("node-b")]);
+    assert!(vol.volume_id.len() <= 128);
+    // The provisioner retries: same name and arguments, same volume.
+    let again = ctl
+        .create_volume(req.clone())
+        .await
+        .expect("retry")
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert_eq!(again.volume_id, vol.volume_id);
+    // Same name, other size: AlreadyExists.
+    let mut bigger = req.clone();
+    bigger.capacity_range = Some(csi::CapacityRange {
+        required_bytes: 128 * MIB,
+        limit_bytes: 0,
+    });
+    assert_eq!(code(ctl.create_volume(bigger).await), Code::AlreadyExists);
+    // --strict-topology: requisite and preferred are the selected node only.
+    let mut strict = provisioner_request("pvc-strict", 16 * MIB, "node-a", &["node-a"]);
+    strict.volume_capabilities = vec![block_cap()];
+    let on_a = ctl
+        .create_volume(strict)
+        .await
+        .expect("strict")
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert!(on_a.volume_id.starts_with("node-a/"), "{}", on_a.volume_id);
+
+    // Data in the volume before the snapshot (written through the engine: no ublk here).
+    let folder = c.folder(&vol.volume_id);
+    let before = vec![0xa5u8; 8192];
+    write_volume(&folder, 4096, &before);
+
+    // The external-snapshotter's CreateSnapshot, repeated until ready_to_use.
+    let sreq = snapshotter_request(
+        "snapshot-9c0d7f0e-0000-4000-8000-000000000001",
+        &vol.volume_id,
+    );
+    let snap = ctl
+        .create_snapshot(sreq.clone())
+        .await
+        .expect("snapshot")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+    assert!(snap.ready_to_use);
+    assert_eq!(snap.source_volume_id, vol.volume_id);
+    assert_eq!(snap.size_bytes, 64 * MIB);
+    assert!(snap
+        .creation_time
+        .as_ref()
+        .is_some_and(|t| t.seconds > 1_600_000_000));
+    let snap2 = ctl
+        .create_snapshot(sreq.clone())
+        .await
+        .expect("again")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+    assert_eq!(snap2.snapshot_id, snap.snapshot_id);
+    let mut other_source = sreq.clone();
+    other_source.source_volume_id = on_a.volume_id.clone();
+    assert_eq!(
+        code(ctl.create_snapshot(other_source).await),
+        Code::AlreadyExists
+    );
+
+    // Writes after the snapshot are not in it.
+    write_volume(&folder, 4096, &[0x5au8; 4096]);
+
+    // A pre-provisioned VolumeSnapshotContent (a backup tool's import): ListSnapshots by ID.
+    let listed = ctl
+        .list_snapshots(csi::ListSnapshotsRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("list by id")
+        .into_inner()
+        .entries;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].snapshot.as_ref(), Some(&snap));
+
+    // Restore: on the snapshot's node, larger than the snapshot, no data copied.
+    let rreq = restore_request("pvc-restored-1", 96 * MIB, &snap.snapshot_id, "node-b");
+    let restored = ctl
+        .create_volume(rreq.clone())
+        .await
+        .expect("restore")
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert!(restored.volume_id.starts_with("node-b/"));
+    assert_eq!(restored.capacity_bytes, 96 * MIB);
+    assert!(
+        restored.content_source.is_some(),
+        "the provisioner needs content_source back"
+    );
+    assert_eq!(
+        read_volume(&c.folder(&restored.volume_id), 4096, 8192),
+        before
+    );
+    assert_eq!(
+        read_volume(&c.folder(&restored.volume_id), 80 * MIB as u64, 4096),
+        vec![0; 4096]
+    );
+    // A requisite topology that excludes the snapshot's node.
+    let elsewhere = restore_request(
+        "pvc-restored-elsewhere",
+        64 * MIB,
+        &snap.snapshot_id,
+        "node-a",
+    );
+    assert_eq!(
+        code(ctl.create_volume(elsewhere).await),
+        Code::ResourceExhausted
+    );
+    // Smaller than the snapshot.
+    let small = restore_request("pvc-restored-small", 32 * MIB, &snap.snapshot_id, "node-b");
+    assert_eq!(code(ctl.create_volume(small).await), Code::OutOfRange);
+    // A clone of a volume: O(1) on its node, holding the volume as it is now.
+    let mut creq = provisioner_request("pvc-clone-1", 64 * MIB, "node-b", &all);
+    creq.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Volume(
+            volume_content_source::VolumeSource {
+                volume_id: vol.volume_id.clone(),
+            },
+        )),
+    });
+    let clone = ctl
+        .create_volume(creq)
+        .await
+        .expect("clone")
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert!(clone.volume_id.starts_with("node-b/"));
+    assert_eq!(
+        read_volume(&c.folder(&clone.volume_id), 4096, 4096),
+        vec![0x5a; 4096]
+    );
+    // The clone's helper snapshot is gone from the source.
+    let of_source = ctl
+        .list_snapshots(csi::ListSnapshotsRequest {
+            source_volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("list by volume")
+        .into_inner()
+        .entries;
+    assert_eq!(of_source.len(), 1);
+
+    // Delete the source volume: its snapshot stays and can still be restored.
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete source");
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete is idempotent");
+    let vols = ctl
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .entries;
+    assert!(vols
+        .iter()
+        .all(|e| e.volume.as_ref().expect("v").volume_id != vol.volume_id));
+    assert_eq!(vols.len(), 3, "strict, restored, clone: {vols:?}");
+    let still = ctl
+        .list_snapshots(csi::ListSnapshotsRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .entries;
+    assert_eq!(still.len(), 1, "the snapshot outlives its volume");
+    let late = ctl
+        .create_volume(restore_request(
+            "pvc-restored-2",
+            64 * MIB,
+            &snap.snapshot_id,
+            "node-b",
+        ))
+        .await
+        .expect("restore after delete")
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert_eq!(read_volume(&c.folder(&late.volume_id), 4096, 8192), before);
+    // The name of a deleted volume cannot be reused while its snapshots hold it.
+    assert_eq!(
+        code(ctl.create_volume(req.clone()).await),
+        Code::AlreadyExists
+    );
+    // The last snapshot gone, the deleted volume's folder goes too.
+    assert!(folder.exists());
+    ctl.delete_snapshot(csi::DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete snapshot");
+    ctl.delete_snapshot(csi::DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete snapshot is idempotent");
+    assert!(
+        !folder.exists(),
+        "the deleted volume's folder stayed after its last snapshot"
+    );
+    // Restores are independent of their source.
+    assert_eq!(read_volume(&c.folder(&late.volume_id), 4096, 8192), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_down_controller_restart_and_tokens() {
+    let mut c = Cluster::new().await;
+    let mut ctl = c.ctl();
+    let a = ctl
+        .create_volume(provisioner_request(
+            "pvc-on-a",
+            16 * MIB,
+            "node-a",
+            &["node-a"],
+        ))
+        .await
+        .expect("on a")
+        .into_inner()
+        .volume
+        .expect("v");
+    let b = ctl
+        .create_volume(provisioner_request(
+            "pvc-on-b",
+            16 * MIB,
+            "node-b",
+            &["node-b"],
+        ))
+        .await
+        .expect("on b")
+        .into_inner()
+        .volume
+        .expect("v");
+    let s = ctl
+        .create_snapshot(snapshotter_request("snapshot-on-b", &b.volume_id))
+        .await
+        .expect("snap")
+        .into_inner()
+        .snapshot
+        .expect("s");
+
+    // The controller restarts: it knows the nodes again from their heartbeats, and
+    // every volume and snapshot is still there.
+    c.restart_controller().await;
+    c.wait_registered(&["node-a", "node-b"]).await;
+    let mut ctl = c.ctl();
+    let mut ids: Vec<String> = ctl
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.volume.expect("v").volume_id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, vec![a.volume_id.clone(), b.volume_id.clone()]);
+    let snaps = ctl
+        .list_snapshots(csi::ListSnapshotsRequest::default())
+        .await
+        .expect("snaps")
+        .into_inner()
+        .entries;
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(
+        snaps[0].snapshot.as_ref().expect("s").snapshot_id,
+        s.snapshot_id
+    );
+
+    // Unauthenticated callers are refused by the node agent and by the registry.
+    let agent_addr = c.nodes["node-a"].agent_addr.clone();
+    let mut bare = NodeAgentClient::connect(agent_addr.clone())
+        .await
+        .expect("connect");
+    let e = bare
+        .list_volumes(pb::ListVolumesRequest::default())
+        .await
+        .expect_err("no token");
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = bare
+        .delete_volume(pb::DeleteVolumeRequest {
+            key: a.volume_id.split_once('/').expect("id").1.into(),
+        })
+        .await
+        .expect_err("no token");
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let wrong = Token::new("not-the-token-0123456789").expect("t");
+    let ch = tonic::transport::Endpoint::from_shared(agent_addr)
+        .expect("uri")
+        .connect()
+        .await
+        .expect("c");
+    let mut forged = NodeAgentClient::with_interceptor(ch, wrong.bearer());
+    assert_eq!(
+        forged
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .expect_err("wrong")
+            .code(),
+        Code::Unauthenticated
+    );
+    let mut reg = RegistryClient::connect(format!("http://{}", c.registry_addr))
+        .await
+        .expect("reg");
+    let e = reg
+        .heartbeat(pb::HeartbeatRequest {
+            node_id: "node-a".into(),
+            agent_address: "http://127.0.0.1:9".into(),
+            version: "evil".into(),
+        })
+        .await
+        .expect_err("no token");
+    assert_eq!(e.code(), Code::Unauthenticated);
+    // The volume on node-a is still intact (the forged heartbeat moved nothing).
+    assert!(c.folder(&a.volume_id).exists());
+
+    // node-a goes down: its volumes answer Unavailable; node-b works on.
+    c.stop_node("node-a").await;
+    let e = ctl
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: a.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("node down");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("node-a"), "{}", e.message());
+    let e = ctl
+        .create_volume(provisioner_request(
+            "pvc-on-a-2",
+            16 * MIB,
+            "node-a",
+            &["node-a"],
+        ))
+        .await
+        .expect_err("node down");
+    assert!(
+        matches!(e.code(), Code::Unavailable | Code::ResourceExhausted),
+        "{e:?}"
+    );
+    ctl.create_snapshot(snapshotter_request("snapshot-on-b-2", &b.volume_id))
+        .await
+        .expect("node-b still works");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_pagination_and_expansion() {
+    let c = Cluster::new().await;
+    let mut ctl = c.ctl();
+    let mut node = c.node("node-a");
+    let base = provisioner_request("pvc-errors", 8 * MIB, "node-a", &["node-a"]);
+
+    // (request, expected code) as the spec's error tables say.
+    let mut no_name = base.clone();
+    no_name.name.clear();
+    let mut no_caps = base.clone();
+    no_caps.volume_capabilities.clear();
+    let mut rwx = base.clone();
+    rwx.volume_capabilities = vec![mount_cap(Mode::MultiNodeMultiWriter, "ext4")];
+    let mut unknown_param = base.clone();
+    unknown_param
+        .parameters
+        .insert("replicas".into(), "3".into());
+    let mut bad_fs = base.clone();
+    bad_fs.volume_capabilities = vec![mount_cap(Mode::SingleNodeWriter, "ntfs")];
+    let mut missing_snapshot = base.clone();
+    missing_snapshot.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: "node-a/0123456789abcdef/7".into(),
+            },
+        )),
+    });
+    let mut foreign_snapshot = base.clone();
+    foreign_snapshot.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: "non-existing-snapshot-id".into(),
+            },
+        )),
+    });
+    let mut too_big = base.clone();
+    too_big.capacity_range = Some(csi::CapacityRange {
+        required_bytes: i64::MAX,
+        limit_bytes: 0,
+    });
+    for (what, req, want) in [
+        ("no name", no_name, Code::InvalidArgument),
+        ("no capabilities", no_caps, Code::InvalidArgument),
+        ("ReadWriteMany", rwx, Code::InvalidArgument),
+        ("unknown parameter", unknown_param, Code::InvalidArgument),
+        ("unsupported fs", bad_fs, Code::InvalidArgument),
+        ("missing snapshot", missing_snapshot, Code::NotFound),
+        ("foreign snapshot id", foreign_snapshot, Code::NotFound),
+        ("too big", too_big, Code::OutOfRange),
+    ] {
+        assert_eq!(
+            code(ctl.create_volume(req).await),
+            want,
+            "CreateVolume {what}"
+        );
+    }
+    let mut rwx = base.clone();
+    rwx.volume_capabilities = vec![mount_cap(Mode::MultiNodeMultiWriter, "ext4")];
+    let e = ctl.create_volume(rwx).await.expect_err("rwx");
+    assert!(
+        e.message().contains("NFS") && e.message().contains("frozen"),
+        "{}",
+        e.message()
+    );
+
+    let vol = ctl
+        .create_volume(base.clone())
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("v");
+    assert_eq!(
+        code(ctl.delete_volume(csi::DeleteVolumeRequest::default()).await),
+        Code::InvalidArgument
+    );
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: "fake-vol-id".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("unknown id: nothing to delete");
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: "node-a/0123456789abcdef".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("unknown key on a live node: nothing to delete");
+    let vreq = |id: &str| csi::ValidateVolumeCapabilitiesRequest {
+        volume_id: id.into(),
+        volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter, "")],
+        ..Default::default()
+    };
+    assert_eq!(
+        code(ctl.validate_volume_capabilities(vreq("fake-vol-id")).await),
+        Code::NotFound
+    );
+    let ok = ctl
+        .validate_volume_capabilities(vreq(&vol.volume_id))
+        .await
+        .expect("validate")
+        .into_inner();
+    assert!(ok.confirmed.is_some());
+    let mut rox = vreq(&vol.volume_id);
+    rox.volume_capabilities = vec![mount_cap(Mode::MultiNodeReaderOnly, "")];
+    let no = ctl
+        .validate_volume_capabilities(rox)
+        .await
+        .expect("validate")
+        .into_inner();
+    assert!(
+        no.confirmed.is_none() && no.message.contains("NFS"),
+        "{no:?}"
+    );
+    assert_eq!(
+        code(
+            ctl.list_volumes(csi::ListVolumesRequest {
+                starting_token: "invalid-token".into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::Aborted
+    );
+    assert_eq!(
+        code(
+            ctl.create_snapshot(csi::CreateSnapshotRequest {
+                source_volume_id: "testId".into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            ctl.create_snapshot(snapshotter_request("snapshot-x", "node-a/0123456789abcdef"))
+                .await
+        ),
+        Code::NotFound
+    );
+    let mut bad_class = snapshotter_request("snapshot-x", &vol.volume_id);
+    bad_class
+        .parameters
+        .insert("freeze".into(), "sometimes".into());
+    assert_eq!(
+        code(ctl.create_snapshot(bad_class).await),
+        Code::InvalidArgument
+    );
+    ctl.delete_snapshot(csi::DeleteSnapshotRequest {
+        snapshot_id: "reallyfakesnapshotid".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("unknown snapshot: nothing to delete");
+    let none = ctl
+        .list_snapshots(csi::ListSnapshotsRequest {
+            snapshot_id: "none-exist-id".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list unknown")
+        .into_inner();
+    assert!(none.entries.is_empty());
+    assert_eq!(
+        code(
+            ctl.get_snapshot(csi::GetSnapshotRequest {
+                snapshot_id: "node-a/0123456789abcdef/1".into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+
+    // Pagination: five snapshots, pages of two, with a delete between pages.
+    let mut made = vec![];
+    for i in 0..5 {
+        let s = ctl
+            .create_snapshot(snapshotter_request(
+                &format!("snapshot-page-{i}"),
+                &vol.volume_id,
+            ))
+            .await
+            .expect("snap")
+            .into_inner()
+            .snapshot
+            .expect("s");
+        made.push(s.snapshot_id);
+    }
+    let p1 = ctl
+        .list_snapshots(csi::ListSnapshotsRequest {
+            max_entries: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("p1")
+        .into_inner();
+    assert_eq!(p1.entries.len(), 2);
+    assert!(!p1.next_token.is_empty());
+    ctl.delete_snapshot(csi::DeleteSnapshotRequest {
+        snapshot_id: p1.entries[1]
+            .snapshot
+            .as_ref()
+            .expect("s")
+            .snapshot_id
+            .clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete between pages");
+    let p2 = ctl
+        .list_snapshots(csi::ListSnapshotsRequest {
+            starting_token: p1.next_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("p2")
+        .into_inner();
+    assert_eq!(p2.entries.len(), 3, "the rest, after the deleted cursor");
+    assert!(p2.next_token.is_empty());
+    let got = ctl
+        .get_snapshot(csi::GetSnapshotRequest {
+            snapshot_id: made[4].clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(got.snapshot.expect("s").snapshot_id, made[4]);
+
+    // Expansion of an unstaged volume: exact size, and the file system grows on the node.
+    let grown = ctl
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 24 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(mount_cap(Mode::SingleNodeWriter, "ext4")),
+            ..Default::default()
+        })
+        .await
+        .expect("expand")
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 24 * MIB);
+    assert!(grown.node_expansion_required);
+    assert_eq!(
+        snapblk::engine::summary(&c.folder(&vol.volume_id))
+            .expect("summary")
+            .size,
+        24 << 20
+    );
+    // The snapshots keep their size.
+    let s0 = ctl
+        .get_snapshot(csi::GetSnapshotRequest {
+            snapshot_id: made[0].clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .snapshot
+        .expect("s");
+    assert_eq!(s0.size_bytes, 8 * MIB);
+    assert_eq!(
+        code(
+            ctl.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+
+    // Capacity per topology segment.
+    let cap_a = ctl
+        .get_capacity(csi::GetCapacityRequest {
+            accessible_topology: Some(topo("node-a")),
+            ..Default::default()
+        })
+        .await
+        .expect("capacity")
+        .into_inner();
+    assert!(cap_a.available_capacity > 0);
+    let cap_x = ctl
+        .get_capacity(csi::GetCapacityRequest {
+            accessible_topology: Some(topo("node-x")),
+            ..Default::default()
+        })
+        .await
+        .expect("capacity")
+        .into_inner();
+    assert_eq!(cap_x.available_capacity, 0);
+
+    // Node service: argument checks come before anything else; other nodes' volumes and
+    // foreign IDs are NotFound.
+    let stage =
+        |id: &str, path: &str, cap: Option<csi::VolumeCapability>| csi::NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: path.into(),
+            volume_capability: cap,
+            ..Default::default()
+        };
+    let cap = Some(mount_cap(Mode::SingleNodeWriter, ""));
+    assert_eq!(
+        code(
+            node.node_stage_volume(stage("", "/tmp/s", cap.clone()))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            node.node_stage_volume(stage(&vol.volume_id, "", cap.clone()))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            node.node_stage_volume(stage(&vol.volume_id, "/tmp/s", None))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            node.node_stage_volume(stage("node-b/0123456789abcdef", "/tmp/s", cap.clone()))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            node.node_stage_volume(stage("node-a/0123456789abcdef", "/tmp/s", cap.clone()))
+                .await
+        ),
+        Code::NotFound
+    );
+    let stats = |id: &str, p: &str| csi::NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: p.into(),
+        staging_target_path: String::new(),
+    };
+    assert_eq!(
+        code(node.node_get_volume_stats(stats("", "some/path")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            node.node_get_volume_stats(stats("fake-vol-id", "some/path"))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            node.node_get_volume_stats(stats(&vol.volume_id, "some/path"))
+                .await
+        ),
+        Code::NotFound
+    );
+    let publish = csi::NodePublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        staging_target_path: "/tmp/s".into(),
+        target_path: c.dir.path().join("target").to_string_lossy().into_owned(),
+        volume_capability: cap.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(node.node_publish_volume(publish).await),
+        Code::FailedPrecondition
+    );
+    let unpublish = csi::NodeUnpublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        target_path: c
+            .dir
+            .path()
+            .join("never-published")
+            .to_string_lossy()
+            .into_owned(),
+    };
+    node.node_unpublish_volume(unpublish)
+        .await
+        .expect("unpublish of nothing is done");
+    // DeleteVolume of a volume with snapshots keeps them; the listing drops the volume.
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    let left = ctl
+        .list_snapshots(csi::ListSnapshotsRequest {
+            source_volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .entries;
+    assert_eq!(left.len(), 4);
+}
