@@ -87,3 +87,50 @@ stop_serve() {
     for _ in $(seq 50); do [ -e "$DEV" ] || break; sleep 0.1; done
     [ ! -e "$DEV" ] || fail "$DEV still exists after the daemon stopped"
 }
+
+# CSI helpers (tests 20 and up). The driver runs as `snapblk csi all-in-one` with its
+# socket at $CSI_SOCK and its state in $CSI_STATE; csi-call (next to $SNAPBLK) sends the
+# kubelet's and the sidecars' calls.
+
+CSI_SOCK="$WORK/csi/csi.sock"
+CSI_STATE="$WORK/csi-state"
+CSI_NODE="vm-node"
+
+# start_csi NAME: starts the all-in-one driver (log in $RESULTS/NAME.log), waits until
+# its Probe answers; sets CSI_PID.
+start_csi() {
+    local name="$1" deadline
+    "$SNAPBLK" csi all-in-one --endpoint "unix://$CSI_SOCK" --node-id "$CSI_NODE" \
+        --state-dir "$CSI_STATE" >>"$RESULTS/$name.log" 2>&1 &
+    CSI_PID=$!
+    deadline=$(($(date +%s) + 60))
+    until "$BIN_DIR/csi-call" --endpoint "unix://$CSI_SOCK" probe >/dev/null 2>&1; do
+        kill -0 "$CSI_PID" 2>/dev/null || { tail -20 "$RESULTS/$name.log" >&2; fail "the CSI driver exited"; }
+        [ "$(date +%s)" -lt "$deadline" ] || fail "the CSI driver did not answer Probe within 60s"
+        sleep 0.2
+    done
+}
+
+# csi CALL ARGS...: one CSI call; its key=value answer goes to $CSI_OUT. Fails the test
+# when the call fails.
+CSI_OUT="$WORK/csi-last.out"
+csi() {
+    "$BIN_DIR/csi-call" --endpoint "unix://$CSI_SOCK" "$@" >"$CSI_OUT" 2>"$CSI_OUT.err" ||
+        fail "csi-call $*: $(grep '^error_code=' "$CSI_OUT") $(cat "$CSI_OUT.err")"
+}
+
+# csi_expect_error CODE CALL ARGS...: the call must fail with gRPC code CODE.
+csi_expect_error() {
+    local want="$1"
+    shift
+    if "$BIN_DIR/csi-call" --endpoint "unix://$CSI_SOCK" "$@" >"$CSI_OUT" 2>"$CSI_OUT.err"; then
+        fail "csi-call $* succeeded; expected $want"
+    fi
+    grep -qx "error_code=$want" "$CSI_OUT" ||
+        fail "csi-call $*: expected $want, got $(grep '^error_code=' "$CSI_OUT") $(cat "$CSI_OUT.err")"
+}
+
+# kv KEY: the value of KEY in the last answer.
+kv() {
+    sed -n "s/^$1=//p" "$CSI_OUT" | head -n 1
+}
