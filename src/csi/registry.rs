@@ -64,13 +64,17 @@ impl Registry {
                 return Ok(());
             }
         }
-        let endpoint = Endpoint::from_shared(address.to_string())
-            .map_err(|e| Status::invalid_argument(format!("agent address {address:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(CALL_TIMEOUT)
-            .tcp_keepalive(Some(Duration::from_secs(30)));
-        let client =
-            NodeAgentClient::with_interceptor(endpoint.connect_lazy(), self.token.bearer());
+        let channel = match address.strip_prefix("unix://") {
+            // An agent in the same process or on the same machine.
+            Some(path) => super::transport::unix_channel(std::path::Path::new(path)),
+            None => Endpoint::from_shared(address.to_string())
+                .map_err(|e| Status::invalid_argument(format!("agent address {address:?}: {e}")))?
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(CALL_TIMEOUT)
+                .tcp_keepalive(Some(Duration::from_secs(30)))
+                .connect_lazy(),
+        };
+        let client = NodeAgentClient::with_interceptor(channel, self.token.bearer());
         let known = nodes.contains_key(node);
         nodes.insert(
             node.to_string(),

@@ -126,6 +126,28 @@ pub async fn serve_agent(
         .map_err(|e| format!("node agent {addr:?}: {e}"))
 }
 
+/// Serves the node's NodeAgent on the Unix socket at `path` (token required): for a
+/// controller on the same machine, with no port to open.
+pub async fn serve_agent_unix(
+    path: &Path,
+    agent: Agent,
+    token: Token,
+    shutdown: Shutdown,
+) -> Result<(), String> {
+    let incoming = transport::bind_unix(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    // Owner only: the socket is the node's whole control.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    tracing::info!(socket = %path.display(), "node agent listening");
+    let result = Server::builder()
+        .add_service(NodeAgentServer::with_interceptor(agent, token.checker()))
+        .serve_with_incoming_shutdown(incoming, wait(shutdown))
+        .await;
+    let _ = std::fs::remove_file(path);
+    result.map_err(|e| format!("node agent {}: {e}", path.display()))
+}
+
 /// Serves the controller's Registry on `listener` (token required) until `shutdown`.
 pub async fn serve_registry(
     listener: TcpListener,
@@ -153,8 +175,8 @@ pub async fn listen(addr: SocketAddr, flag: &str) -> Result<TcpListener, String>
 }
 
 /// The controller and the node of a single-node cluster in one process: the node's agent
-/// listens on loopback with a token made for the occasion, and registers itself with the
-/// controller directly.
+/// listens on a Unix socket in the state folder, with a token made for the occasion, and
+/// registers itself with the controller directly.
 pub async fn run_all_in_one(
     socket: &Path,
     o: &NodeOptions,
@@ -162,12 +184,9 @@ pub async fn run_all_in_one(
 ) -> Result<(), String> {
     let parts = node_parts(o)?;
     let token = Token::random();
-    let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0)), "agent").await?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("agent address: {e}"))?;
+    let agent_sock = o.state_dir.join("agent.sock");
     let registry = Arc::new(Registry::new(token.clone()));
-    let agent_uri = format!("http://{addr}");
+    let agent_uri = format!("unix://{}", agent_sock.display());
     registry
         .heard(&o.node_id, &agent_uri, env!("CARGO_PKG_VERSION"))
         .map_err(|e| e.message().to_string())?;
@@ -191,7 +210,7 @@ pub async fn run_all_in_one(
         driver_name: o.driver_name.clone(),
         registry,
     };
-    let agent = serve_agent(listener, parts.agent, token, shutdown.clone());
+    let agent = serve_agent_unix(&agent_sock, parts.agent, token, shutdown.clone());
     let csi = serve_csi(
         socket,
         identity,
