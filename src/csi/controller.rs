@@ -318,6 +318,18 @@ impl csi::controller_server::Controller for Controller {
                 .or(p.fs_type)
                 .unwrap_or_else(|| DEFAULT_FS.to_string())
         };
+        // A file system with a minimum size gets it when the range allows (CSI lets a
+        // volume be larger than required, up to the limit).
+        let min = params::min_size(&fs_type);
+        let size = match r.capacity_range.as_ref().map_or(0, |c| c.limit_bytes) {
+            _ if size >= min => size,
+            limit if limit == 0 || limit as u64 >= min => min,
+            limit => {
+                return Err(Status::out_of_range(format!(
+                    "{fs_type} needs at least {min} bytes; limit_bytes is {limit}"
+                )))
+            }
+        };
 
         // Where the content comes from decides the node: a restore or clone stays on
         // its source's node, because no data is copied.
@@ -652,9 +664,7 @@ impl csi::controller_server::Controller for Controller {
             .ok_or_else(|| {
                 Status::internal(format!("node {} answered without a snapshot", id.node))
             })?;
-        if !s.consistency.is_empty() {
-            tracing::info!(snapshot = s.id, consistency = %s.consistency, frozen_ms = s.frozen_ms, "snapshot taken");
-        }
+        tracing::info!(snapshot = s.id, consistency = %s.consistency, freeze_us = s.freeze_us, frozen_us = s.frozen_us, "snapshot taken");
         Ok(Response::new(csi::CreateSnapshotResponse {
             snapshot: Some(self.snapshot_pb(&id.node, &s)),
         }))

@@ -465,7 +465,7 @@ impl Store {
         for e in self.entries() {
             if let Some(s) = e.summary.snapshots.iter().find(|s| s.name == ename) {
                 if e.key == req.volume_key {
-                    return Ok(snapshot_pb(&e.key, &req.name, s, "", 0));
+                    return Ok(snapshot_pb(&e.key, &req.name, s, &Cut::default()));
                 }
                 return Err(Status::already_exists(format!(
                     "a snapshot named {:?} exists, of another volume ({})",
@@ -480,7 +480,7 @@ impl Store {
             _ => FreezeMode::Auto,
         };
         let timeout = (req.freeze_timeout_ms > 0).then_some(req.freeze_timeout_ms);
-        let (consistency, frozen_ms) = self.cut(&req.volume_key, &ename, freeze, timeout)?;
+        let cut = self.cut(&req.volume_key, &ename, freeze, timeout)?;
         let e = self.entry(&req.volume_key)?;
         let s = e
             .summary
@@ -488,18 +488,18 @@ impl Store {
             .iter()
             .find(|s| s.name == ename)
             .ok_or_else(|| Status::internal(format!("snapshot {ename} vanished after its cut")))?;
-        tracing::info!(volume = %req.volume_key, snapshot = %ename, id = s.id, consistency, frozen_ms, "took snapshot");
-        Ok(snapshot_pb(&e.key, &req.name, s, consistency, frozen_ms))
+        tracing::info!(volume = %req.volume_key, snapshot = %ename, id = s.id, consistency = cut.consistency, freeze_us = cut.freeze_us, frozen_us = cut.frozen_us, "took snapshot");
+        Ok(snapshot_pb(&e.key, &req.name, s, &cut))
     }
 
-    /// Cuts snapshot `name` of volume `key`; returns its consistency and freeze time.
+    /// Cuts snapshot `name` of volume `key`.
     fn cut(
         &self,
         key: &str,
         name: &str,
         freeze: FreezeMode,
         freeze_timeout_ms: Option<u64>,
-    ) -> Result<(&'static str, u64), Status> {
+    ) -> Result<Cut, Status> {
         let ctx = format!("snapshot {name} of volume {key}");
         if let Some(s) = self.daemons.get(key) {
             let r = ctl_call(
@@ -516,14 +516,26 @@ impl Store {
                 .get("frozen_mounts")
                 .and_then(|m| m.as_array())
                 .is_some_and(|m| !m.is_empty());
-            let frozen_ms = r.get("frozen_ms").and_then(|v| v.as_u64()).unwrap_or(0);
-            return Ok((if frozen { "application" } else { "crash" }, frozen_ms));
+            let us = |field: &str| {
+                r.get(field)
+                    .and_then(|v| v.as_f64())
+                    .map_or(0, |ms| (ms * 1000.0).round() as u64)
+            };
+            return Ok(if frozen {
+                Cut {
+                    consistency: "application",
+                    freeze_us: us("freeze_ms"),
+                    frozen_us: us("frozen_ms"),
+                }
+            } else {
+                CRASH_CONSISTENT
+            });
         }
         let v = Volume::open(&self.dir(key)).map_err(|e| status::engine(&ctx, e))?;
         v.create_snapshot(name)
             .and_then(|_| v.close())
             .map_err(|e| status::engine(&ctx, e))?;
-        Ok(("crash", 0))
+        Ok(CRASH_CONSISTENT)
     }
 
     /// Deletes snapshot `id` of volume `key` (nothing to do when it is gone), and the
@@ -578,7 +590,7 @@ impl Store {
                     .iter()
                     .filter(|s| req.id == 0 || s.id == req.id)
                     .filter(|s| ename.as_ref().is_none_or(|n| &s.name == n))
-                    .map(|s| snapshot_pb(&e.key, &s.name, s, "", 0))
+                    .map(|s| snapshot_pb(&e.key, &s.name, s, &Cut::default()))
                     .collect::<Vec<_>>()
             })
             .collect()
@@ -637,21 +649,33 @@ fn source_of(s: Option<&pb::VolumeSource>) -> Result<Option<Source>, Status> {
     })
 }
 
-fn snapshot_pb(
-    key: &str,
-    name: &str,
-    s: &engine::SnapshotSummary,
-    consistency: &str,
-    frozen_ms: u64,
-) -> pb::Snapshot {
+/// How a snapshot was cut.
+#[derive(Default)]
+struct Cut {
+    /// "application" (a file system was frozen), "crash", or "" when not known (a
+    /// snapshot listed, or found again by a retried CreateSnapshot).
+    consistency: &'static str,
+    freeze_us: u64,
+    frozen_us: u64,
+}
+
+/// A cut with no file system frozen.
+const CRASH_CONSISTENT: Cut = Cut {
+    consistency: "crash",
+    freeze_us: 0,
+    frozen_us: 0,
+};
+
+fn snapshot_pb(key: &str, name: &str, s: &engine::SnapshotSummary, cut: &Cut) -> pb::Snapshot {
     pb::Snapshot {
         volume_key: key.to_string(),
         id: s.id,
         name: name.to_string(),
         size_bytes: s.size,
         created_unix_ms: s.created_unix_ms,
-        consistency: consistency.to_string(),
-        frozen_ms,
+        consistency: cut.consistency.to_string(),
+        freeze_us: cut.freeze_us,
+        frozen_us: cut.frozen_us,
     }
 }
 
