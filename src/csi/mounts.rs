@@ -20,10 +20,13 @@ fn run(cmd: &mut Command) -> Result<String, Status> {
         ))
     })?;
     if !out.status.success() {
+        // The first lines say what went wrong; tools print their usage after them.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let said: Vec<&str> = stderr.lines().take(3).collect();
         return Err(Status::internal(format!(
             "{shown} failed ({}): {}",
             out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            said.join(" | ").trim()
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())

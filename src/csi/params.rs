@@ -16,6 +16,15 @@ use crate::engine::MAX_BLOCKS;
 pub const FS_TYPES: [&str; 2] = ["ext4", "xfs"];
 /// File system made when neither the capability nor the StorageClass names one.
 pub const DEFAULT_FS: &str = "ext4";
+/// The smallest volume each file system can be made on (xfsprogs refuses less than
+/// 300 MiB); 0 where any size the engine allows will do.
+pub fn min_size(fs_type: &str) -> u64 {
+    match fs_type {
+        "xfs" => 300 << 20,
+        _ => 0,
+    }
+}
+
 /// Size of a volume whose request names no capacity.
 pub const DEFAULT_SIZE: u64 = 1 << 30;
 
