@@ -352,10 +352,52 @@ impl Daemons {
             return !matches!(child.try_wait(), Ok(None));
         }
         // Adopted: not our child, unless we are the container's init and it was
-        // re-parented to us; collect it then, so no zombie stays behind.
+        // re-parented to us; collect it then, so no zombie stays behind. A pid that now
+        // belongs to another program (or a zombie, with no command line) has exited.
         let p = Pid::from_raw(pid);
         let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
-        kill(p, None).is_err()
+        !is_daemon_of(pid, key)
+    }
+
+    /// Takes over the device of every daemon that died since it was started or adopted
+    /// (user recovery), so a mounted file system carries on; volumes with an operation
+    /// in progress are looked at next time. Returns what it did, for the log.
+    pub fn supervise(&self, ops: &super::oplock::OpLocks) -> Vec<String> {
+        let mut notes = vec![];
+        for s in self.all() {
+            let Ok(_guard) = ops.claim(&s.key, "supervision") else {
+                continue;
+            };
+            if self.get(&s.key).is_none() || !self.exited(&s.key, s.pid) {
+                continue;
+            }
+            self.children.lock().remove(&s.key);
+            self.served.lock().remove(&s.key);
+            if Path::new(&format!("/dev/ublkc{}", s.dev_id)).exists() {
+                match self.spawn(&s.key, &s.staging_path, s.block, Some(s.dev_id)) {
+                    Ok(n) => notes.push(format!(
+                        "the daemon of volume {} died; {} is served again (user recovery)",
+                        s.key, n.device
+                    )),
+                    Err(e) => notes.push(format!(
+                        "the daemon of volume {} died and taking over {} failed: {}; see {}",
+                        s.key,
+                        s.device,
+                        e.message(),
+                        self.log_path(&s.key).display()
+                    )),
+                }
+            } else {
+                let _ = fs::remove_file(self.record_path(&s.key));
+                notes.push(format!(
+                    "the daemon of volume {} exited and removed {}: whatever is mounted from it gets I/O errors until the volume is staged again; see {}",
+                    s.key,
+                    s.device,
+                    self.log_path(&s.key).display()
+                ));
+            }
+        }
+        notes
     }
 
     fn save(&self, s: &Served) -> Result<(), Status> {

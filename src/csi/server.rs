@@ -73,6 +73,7 @@ pub fn node_parts(o: &NodeOptions) -> Result<NodeParts, String> {
     for note in daemons.adopt() {
         tracing::info!(node = %o.node_id, "{note}");
     }
+    supervise(Arc::downgrade(&daemons), ops.clone());
     Ok(NodeParts {
         node: Node {
             node_id: o.node_id.clone(),
@@ -87,6 +88,26 @@ pub fn node_parts(o: &NodeOptions) -> Result<NodeParts, String> {
             store,
         },
     })
+}
+
+/// How often the node plugin looks for volume daemons that died.
+const SUPERVISION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Watches the volume daemons from a thread of its own until the node plugin's services
+/// are dropped.
+fn supervise(daemons: std::sync::Weak<Daemons>, ops: OpLocks) {
+    let spawned = std::thread::Builder::new()
+        .name("supervisor".into())
+        .spawn(move || loop {
+            std::thread::sleep(SUPERVISION_INTERVAL);
+            let Some(d) = daemons.upgrade() else { return };
+            for note in d.supervise(&ops) {
+                tracing::warn!("{note}");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the volume daemon supervisor: dead daemons are taken over only at the next stage");
+    }
 }
 
 /// Serves the CSI services on the Unix socket at `socket` until `shutdown`.

@@ -28,9 +28,12 @@ pub fn ctl(context: &str, e: CtlError) -> Status {
         ErrorCode::InvalidName | ErrorCode::BadRequest => Code::InvalidArgument,
         ErrorCode::Busy | ErrorCode::AlreadyFrozen => Code::Aborted,
         ErrorCode::Timeout => Code::DeadlineExceeded,
-        ErrorCode::FreezeUnsupported | ErrorCode::NfsNotFreezable | ErrorCode::NotFrozen => {
-            Code::FailedPrecondition
-        }
+        // Unsupported: e.g. growing a served device on a kernel without UBLK_F_UPDATE_SIZE;
+        // the external-resizer takes FailedPrecondition as "expand it while not in use".
+        ErrorCode::FreezeUnsupported
+        | ErrorCode::NfsNotFreezable
+        | ErrorCode::NotFrozen
+        | ErrorCode::Unsupported => Code::FailedPrecondition,
         ErrorCode::Io => Code::Unavailable,
         _ => Code::Internal,
     };
