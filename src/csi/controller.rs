@@ -111,6 +111,25 @@ impl Controller {
         out
     }
 
+    /// A live volume by ID, with a client of its node; NotFound when there is none.
+    async fn find_volume(
+        &self,
+        volume_id: &str,
+    ) -> Result<(VolumeId, AgentClient, pb::Volume), Status> {
+        let id = VolumeId::parse(volume_id).map_err(|e| Status::not_found(e.to_string()))?;
+        let mut c = self.agent(&id.node)?;
+        let v = c
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .map_err(|e| relay(&id.node, e))?
+            .into_inner()
+            .volumes
+            .into_iter()
+            .find(|v| v.key == id.key)
+            .ok_or_else(|| Status::not_found(format!("no volume {volume_id}")))?;
+        Ok((id, c, v))
+    }
+
     /// The volume a CreateVolume name already made on some live node that answers.
     async fn find_by_name(&self, name: &str) -> Result<Option<(String, pb::Volume)>, Status> {
         for (node, mut c) in self.registry.live() {
@@ -299,9 +318,7 @@ impl csi::controller_server::Controller for Controller {
         req: Request<csi::CreateVolumeRequest>,
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
         let r = req.into_inner();
-        if r.name.is_empty() {
-            return Err(status::missing("name"));
-        }
+        status::required(&r.name, "name")?;
         let accesses = params::accesses(&r.volume_capabilities)?;
         let p = VolumeParams::try_from(&r.parameters)?;
         let size = params::volume_size(r.capacity_range.as_ref(), p.block_size)?;
@@ -444,9 +461,7 @@ impl csi::controller_server::Controller for Controller {
         req: Request<csi::DeleteVolumeRequest>,
     ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
         let r = req.into_inner();
-        if r.volume_id.is_empty() {
-            return Err(status::missing("volume_id"));
-        }
+        status::required(&r.volume_id, "volume_id")?;
         // An ID this driver never made names nothing to delete.
         let Ok(id) = VolumeId::parse(&r.volume_id) else {
             return Ok(Response::new(csi::DeleteVolumeResponse {}));
@@ -481,24 +496,11 @@ impl csi::controller_server::Controller for Controller {
         req: Request<csi::ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
         let r = req.into_inner();
-        if r.volume_id.is_empty() {
-            return Err(status::missing("volume_id"));
-        }
+        status::required(&r.volume_id, "volume_id")?;
         if r.volume_capabilities.is_empty() {
             return Err(status::missing("volume_capabilities"));
         }
-        let id = VolumeId::parse(&r.volume_id).map_err(|e| Status::not_found(e.to_string()))?;
-        let mut c = self.agent(&id.node)?;
-        let vols = c
-            .list_volumes(pb::ListVolumesRequest::default())
-            .await
-            .map_err(|e| relay(&id.node, e))?
-            .into_inner()
-            .volumes;
-        let v = vols
-            .iter()
-            .find(|v| v.key == id.key)
-            .ok_or_else(|| Status::not_found(format!("no volume {}", r.volume_id)))?;
+        let (_, _, v) = self.find_volume(&r.volume_id).await?;
         let checked = params::accesses(&r.volume_capabilities).and_then(|all| {
             VolumeParams::try_from(&r.parameters)?;
             for a in &all {
@@ -614,12 +616,8 @@ impl csi::controller_server::Controller for Controller {
         req: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
         let r = req.into_inner();
-        if r.name.is_empty() {
-            return Err(status::missing("name"));
-        }
-        if r.source_volume_id.is_empty() {
-            return Err(status::missing("source_volume_id"));
-        }
+        status::required(&r.name, "name")?;
+        status::required(&r.source_volume_id, "source_volume_id")?;
         let p = SnapshotParams::try_from(&r.parameters)?;
         let id = VolumeId::parse(&r.source_volume_id)
             .map_err(|e| Status::not_found(format!("source volume: {e}")))?;
@@ -676,9 +674,7 @@ impl csi::controller_server::Controller for Controller {
         req: Request<csi::DeleteSnapshotRequest>,
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
         let r = req.into_inner();
-        if r.snapshot_id.is_empty() {
-            return Err(status::missing("snapshot_id"));
-        }
+        status::required(&r.snapshot_id, "snapshot_id")?;
         let Ok(id) = SnapshotId::parse(&r.snapshot_id) else {
             return Ok(Response::new(csi::DeleteSnapshotResponse {}));
         };
@@ -719,9 +715,7 @@ impl csi::controller_server::Controller for Controller {
         req: Request<csi::GetSnapshotRequest>,
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
         let r = req.into_inner();
-        if r.snapshot_id.is_empty() {
-            return Err(status::missing("snapshot_id"));
-        }
+        status::required(&r.snapshot_id, "snapshot_id")?;
         let found = self
             .select_snapshots(&csi::ListSnapshotsRequest {
                 snapshot_id: r.snapshot_id.clone(),
@@ -743,9 +737,7 @@ impl csi::controller_server::Controller for Controller {
         req: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
         let r = req.into_inner();
-        if r.volume_id.is_empty() {
-            return Err(status::missing("volume_id"));
-        }
+        status::required(&r.volume_id, "volume_id")?;
         let range = r
             .capacity_range
             .as_ref()
@@ -754,18 +746,7 @@ impl csi::controller_server::Controller for Controller {
             Some(c) => Some(params::access(c)?),
             None => None,
         };
-        let id = VolumeId::parse(&r.volume_id).map_err(|e| Status::not_found(e.to_string()))?;
-        let mut c = self.agent(&id.node)?;
-        let vols = c
-            .list_volumes(pb::ListVolumesRequest::default())
-            .await
-            .map_err(|e| relay(&id.node, e))?
-            .into_inner()
-            .volumes;
-        let v = vols
-            .iter()
-            .find(|v| v.key == id.key)
-            .ok_or_else(|| Status::not_found(format!("no volume {}", r.volume_id)))?;
+        let (id, mut c, v) = self.find_volume(&r.volume_id).await?;
         let size = params::volume_size(Some(range), v.block_size)?;
         let done = c
             .expand_volume(pb::ExpandVolumeRequest {

@@ -14,7 +14,7 @@ use super::mounts;
 use super::oplock::OpLocks;
 use super::params::{self, Access, DEFAULT_FS};
 use super::proto::csi::{self, node_service_capability::rpc::Type as Cap};
-use super::status;
+use super::status::{self, required};
 use super::store::Store;
 use crate::sys::mountinfo;
 
@@ -302,14 +302,6 @@ impl Node {
         mounts::grow_fs(&fs, &served.device, Path::new(&served.staging_path))?;
         tracing::info!(volume = key, size = dev_size, fs, "file system grown");
         Ok(dev_size as i64)
-    }
-}
-
-fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
-    if value.is_empty() {
-        Err(status::missing(field))
-    } else {
-        Ok(value)
     }
 }
 

@@ -55,6 +55,15 @@ pub fn missing(field: &str) -> Status {
     Status::invalid_argument(format!("{field} is required"))
 }
 
+/// `value`, or InvalidArgument naming `field` when it is empty.
+pub fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
+    if value.is_empty() {
+        Err(missing(field))
+    } else {
+        Ok(value)
+    }
+}
+
 /// A blocking task that panicked or was cancelled.
 pub fn join(e: tokio::task::JoinError) -> Status {
     Status::internal(format!("the operation's worker failed: {e}"))
