@@ -656,3 +656,38 @@ fn a_grow_interrupted_at_any_step_leaves_the_old_or_the_new_size() {
     assert_eq!(v.size(), MIB);
     assert_eq!(fs::metadata(&head).expect("stat").len(), MIB);
 }
+
+/// Linux reports a failed writeback once per open file: a second fdatasync may succeed
+/// although the data never reached the disk. A volume whose data sync failed must fail
+/// every later flush (a FLUSH, a snapshot's) until it is reopened, and say why.
+#[test]
+fn a_failed_data_sync_fails_every_later_flush_until_reopened() {
+    let tmp = scratch();
+    let dir = tmp.path().join("v");
+    let v = create(&dir, 1 << 20);
+    v.write(0, &block_data(1, 4096), false).expect("write");
+    snapblk::engine::faults::fail_sync_after(1);
+    let first = v.flush().expect_err("the injected EIO");
+    assert!(first.to_string().contains("Input/output error"), "{first}");
+    // The retry's fdatasync would return 0: it must not be believed.
+    let again = v.flush().expect_err("a later flush must fail too");
+    assert!(
+        again.to_string().contains("an earlier flush failed"),
+        "{again}"
+    );
+    v.write(8192, &block_data(2, 4096), false).expect("write");
+    assert!(v.flush().is_err(), "a flush after more writes");
+    assert!(v.create_snapshot("s1").is_err(), "a snapshot's flush");
+    let why = v.status().flush_failure.expect("status says why");
+    assert!(why.contains("Input/output error"), "{why}");
+    // Reopened, the volume works again; what was flushed before the failure is there.
+    drop(v);
+    let v = Volume::open(&dir).expect("reopen");
+    assert!(v.status().flush_failure.is_none());
+    v.write(0, &block_data(3, 4096), false).expect("write");
+    v.flush().expect("flush after reopen");
+    let mut buf = vec![0u8; 4096];
+    v.read(0, &mut buf).expect("read");
+    assert_eq!(buf, block_data(3, 4096));
+    v.close().expect("close");
+}

@@ -194,5 +194,10 @@ pub fn render_status(s: &VolumeStatus) -> String {
     if let Some(o) = &s.origin {
         out.push_str(&format!("cloned from {o}\n"));
     }
+    if let Some(why) = &s.flush_failure {
+        out.push_str(&format!(
+            "FLUSH FAILED {why}\n            every flush fails until the volume is reopened (restart its daemon)\n"
+        ));
+    }
     out
 }

@@ -12,6 +12,28 @@ use super::error::{EngineError, Result};
 thread_local! {
     static COUNTDOWN: Cell<u64> = const { Cell::new(0) };
     static STEPS: Cell<u64> = const { Cell::new(0) };
+    static SYNC_FAILS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Makes the `n`-th data sync from now (1-based) on this thread fail with EIO, as when
+/// the disk could not write back the data. `0` disarms.
+pub fn fail_sync_after(n: u64) {
+    SYNC_FAILS.with(|c| c.set(n));
+}
+
+/// The error a data sync gets when one is due (see [`fail_sync_after`]).
+pub(crate) fn sync_fault() -> Option<std::io::Error> {
+    SYNC_FAILS.with(|c| match c.get() {
+        0 => None,
+        1 => {
+            c.set(0);
+            Some(std::io::Error::from_raw_os_error(libc::EIO))
+        }
+        n => {
+            c.set(n - 1);
+            None
+        }
+    })
 }
 
 /// Arms a simulated crash: the `n`-th durable step from now (1-based) fails with

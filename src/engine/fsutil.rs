@@ -43,6 +43,9 @@ pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 /// fdatasync with a crash point in front, for data files.
 pub(crate) fn sync_data(file: &File, path: &Path) -> Result<()> {
     crash_point("sync_data")?;
+    if let Some(e) = super::faults::sync_fault() {
+        return Err(EngineError::io(path, e));
+    }
     file.sync_data().map_err(|e| EngineError::io(path, e))
 }
 

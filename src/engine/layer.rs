@@ -80,6 +80,10 @@ pub struct Layer {
     pub log: Option<Mutex<MapLog>>,
     /// The journal ends with a seal: no write may land here any more.
     pub sealed: AtomicBool,
+    /// Why a flush of this layer failed. Linux reports a writeback error once per open
+    /// file: a second fdatasync may return 0 although the data never reached the disk, so
+    /// once a flush failed, every later one fails too, until the volume is reopened.
+    failed: Mutex<Option<String>>,
     inflight: AtomicU64,
     draining: AtomicBool,
     drain_lock: Mutex<()>,
@@ -135,6 +139,7 @@ impl Layer {
             draining: AtomicBool::new(false),
             drain_lock: Mutex::new(()),
             drained: Condvar::new(),
+            failed: Mutex::new(None),
         }
     }
 
@@ -342,6 +347,14 @@ impl Layer {
             return Ok(());
         };
         let mut log = log.lock();
+        if let Some(why) = self.failed.lock().as_ref() {
+            return Err(EngineError::io(
+                &self.data_path,
+                std::io::Error::other(format!(
+                    "an earlier flush failed ({why}); writes since may not be on disk: reopen the volume to go on"
+                )),
+            ));
+        }
         let (touched, present, zeroed, compact, mark) = {
             let mut st = self.state.write();
             if st.touched.is_empty() && !seal {
@@ -396,9 +409,20 @@ impl Layer {
             Err(e) => {
                 // Keep the blocks pending so the next flush records them again.
                 self.state.write().touched |= touched;
+                // A simulated crash is a test's way of stopping the process, not a disk
+                // error: the test reopens the volume after it.
+                if !matches!(e, EngineError::InjectedCrash(_)) {
+                    tracing::error!(layer = self.id, file = %self.data_path.display(), error = %e, "flush failed: every later flush of this volume fails until it is reopened");
+                    self.failed.lock().get_or_insert_with(|| e.to_string());
+                }
                 Err(e)
             }
         }
+    }
+
+    /// Why a flush of this layer failed, if one did.
+    pub fn flush_failure(&self) -> Option<String> {
+        self.failed.lock().clone()
     }
 
     /// True when the volatile journal is filling up and a flush would be wise.

@@ -594,6 +594,9 @@ pub struct VolumeStatus {
     pub map_bytes: u64,
     /// Snapshot this volume was cloned from, as `volume-id/snapshot`.
     pub origin: Option<String>,
+    /// Why flushes fail since a data sync failed (the volume must be reopened).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flush_failure: Option<String>,
 }
 
 impl Volume {
@@ -629,6 +632,7 @@ impl Volume {
                 .origin
                 .as_ref()
                 .map(|o| format!("{}/{}", o.volume_id, o.snapshot)),
+            flush_failure: stack.iter().find_map(|l| l.flush_failure()),
         }
     }
 }
