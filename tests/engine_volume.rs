@@ -691,3 +691,36 @@ fn a_failed_data_sync_fails_every_later_flush_until_reopened() {
     assert_eq!(buf, block_data(3, 4096));
     v.close().expect("close");
 }
+
+/// A zero-length request at the very end of a volume of 2^32 blocks names no block: its
+/// start block does not fit 32 bits, and a wrapped 0 must not make it the whole volume.
+#[test]
+fn empty_requests_at_the_end_of_the_largest_volume_touch_nothing() {
+    let tmp = scratch();
+    let dir = tmp.path().join("huge");
+    let size = (1u64 << 32) * 512;
+    let v = Volume::create(
+        &dir,
+        &CreateOptions {
+            size,
+            block_size: 512,
+        },
+    )
+    .expect("create a 2 TiB sparse volume");
+    v.write(0, &block_data(9, 512), false)
+        .expect("write block 0");
+    v.discard(size, 0).expect("empty discard at the end");
+    v.write_zeroes(size, 0)
+        .expect("empty write-zeroes at the end");
+    v.write(size, &[], false).expect("empty write at the end");
+    v.read(size, &mut []).expect("empty read at the end");
+    let mut buf = vec![0u8; 512];
+    v.read(0, &mut buf).expect("read block 0");
+    assert_eq!(
+        buf,
+        block_data(9, 512),
+        "block 0 was changed by an empty request"
+    );
+    v.flush().expect("flush");
+    v.close().expect("close");
+}

@@ -13,6 +13,33 @@ thread_local! {
     static COUNTDOWN: Cell<u64> = const { Cell::new(0) };
     static STEPS: Cell<u64> = const { Cell::new(0) };
     static SYNC_FAILS: Cell<u64> = const { Cell::new(0) };
+    static APPEND_FAILS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Makes the `n`-th map journal append from now (1-based) on this thread write half its
+/// record and fail with ENOSPC, as on a full disk. `0` disarms.
+pub fn fail_append_after(n: u64) {
+    APPEND_FAILS.with(|c| c.set(n));
+}
+
+/// The error a map journal append gets when one is due (see [`fail_append_after`]).
+pub(crate) fn append_fault() -> Option<std::io::Error> {
+    countdown(&APPEND_FAILS).then(|| std::io::Error::from_raw_os_error(libc::ENOSPC))
+}
+
+/// Counts `c` down; true when it reaches its armed step.
+fn countdown(c: &'static std::thread::LocalKey<Cell<u64>>) -> bool {
+    c.with(|c| match c.get() {
+        0 => false,
+        1 => {
+            c.set(0);
+            true
+        }
+        n => {
+            c.set(n - 1);
+            false
+        }
+    })
 }
 
 /// Makes the `n`-th data sync from now (1-based) on this thread fail with EIO, as when
@@ -23,17 +50,7 @@ pub fn fail_sync_after(n: u64) {
 
 /// The error a data sync gets when one is due (see [`fail_sync_after`]).
 pub(crate) fn sync_fault() -> Option<std::io::Error> {
-    SYNC_FAILS.with(|c| match c.get() {
-        0 => None,
-        1 => {
-            c.set(0);
-            Some(std::io::Error::from_raw_os_error(libc::EIO))
-        }
-        n => {
-            c.set(n - 1);
-            None
-        }
-    })
+    countdown(&SYNC_FAILS).then(|| std::io::Error::from_raw_os_error(libc::EIO))
 }
 
 /// Arms a simulated crash: the `n`-th durable step from now (1-based) fails with

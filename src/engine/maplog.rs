@@ -30,8 +30,9 @@ pub const VERSION: u32 = 1;
 const HEADER_LEN: u64 = 32;
 const REC_MAGIC: u32 = 0x314D_4C53;
 const REC_HEADER_LEN: usize = 16;
-/// Upper bound for one record, far above any real map (a full 16 TiB bitmap is 512 MiB).
-const MAX_RECORD: u64 = 1 << 30;
+/// Upper bound for one record, for the writer and the reader alike: a delta of a fully
+/// and randomly written 2^32-block layer holds three bitmaps of at most 512 MiB each.
+const MAX_RECORD: u64 = 2 << 30;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
@@ -176,9 +177,21 @@ impl MapLog {
     fn append(&mut self, kind: Kind, payload: &[u8]) -> Result<()> {
         let mut rec = Vec::with_capacity(REC_HEADER_LEN + payload.len());
         push_record(&mut rec, kind, payload)?;
-        self.file
-            .write_all_at(&rec, self.len)
-            .map_err(|e| EngineError::io(&self.path, e))?;
+        let written = match super::faults::append_fault() {
+            // A write that stopped halfway (a full disk, an I/O error), for tests.
+            Some(e) => self
+                .file
+                .write_all_at(&rec[..rec.len() / 2], self.len)
+                .and(Err(e)),
+            None => self.file.write_all_at(&rec, self.len),
+        };
+        if let Err(e) = written {
+            // Cut off what part of the record reached the file: the next append goes
+            // here, and a shorter record would leave the rest behind, which the reader
+            // could not tell from damage.
+            let _ = self.file.set_len(self.len);
+            return Err(EngineError::io(&self.path, e));
+        }
         self.len += rec.len() as u64;
         Ok(())
     }
@@ -215,9 +228,21 @@ fn header(layer_id: u64) -> [u8; HEADER_LEN as usize] {
     h
 }
 
+/// The length field of a record of `len` payload bytes, or an error past [`MAX_RECORD`],
+/// which the reader would refuse.
+fn record_len(len: usize) -> Result<u32> {
+    u32::try_from(len)
+        .ok()
+        .filter(|&l| u64::from(l) <= MAX_RECORD)
+        .ok_or_else(|| {
+            EngineError::Invalid(format!(
+                "a map record of {len} bytes is larger than the {MAX_RECORD} bytes a journal may hold"
+            ))
+        })
+}
+
 fn push_record(out: &mut Vec<u8>, kind: Kind, payload: &[u8]) -> Result<()> {
-    let len = u32::try_from(payload.len())
-        .map_err(|_| EngineError::Invalid("map record larger than 4 GiB".into()))?;
+    let len = record_len(payload.len())?;
     out.extend_from_slice(&REC_MAGIC.to_le_bytes());
     out.extend_from_slice(&[kind as u8, 0, 0, 0]);
     out.extend_from_slice(&len.to_le_bytes());
@@ -382,6 +407,38 @@ mod tests {
         m.mark_written(written.0, written.1);
         m.mark_zeroed(zeroed.0, zeroed.1);
         m
+    }
+
+    #[test]
+    fn a_failed_append_leaves_nothing_the_reader_refuses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("3.map");
+        let mut log = MapLog::create(&path, 3).expect("create");
+        let big = map((0, 5000), (6000, 9000));
+        let mut scattered = RoaringBitmap::new();
+        scattered.extend((0..20_000u32).map(|b| b * 7));
+        crate::engine::faults::fail_append_after(1);
+        assert!(log
+            .append_delta(&scattered, &scattered, &RoaringBitmap::new())
+            .is_err());
+        // A short record lands where the failed one started.
+        log.append_delta(&big.cover(), &big.present, &big.zeroed)
+            .expect("append after the failure");
+        log.sync().expect("sync");
+        let (_, r) = MapLog::open_head(&path, 3).expect("the journal still opens");
+        assert_eq!(r.map, big);
+        assert_eq!(
+            std::fs::metadata(&path).expect("stat").len(),
+            log.len(),
+            "nothing after the last record"
+        );
+    }
+
+    #[test]
+    fn writer_and_reader_share_one_record_limit() {
+        assert!(record_len(MAX_RECORD as usize).is_ok());
+        assert!(record_len(MAX_RECORD as usize + 1).is_err());
+        assert!(record_len(u32::MAX as usize + 1).is_err());
     }
 
     #[test]

@@ -489,7 +489,15 @@ pub(crate) fn check_request(
             block_size,
         });
     }
-    Ok(((offset / bs) as u32, end / bs))
+    let (start, end) = (offset / bs, end / bs);
+    if start == end {
+        // Empty: at the very end of a 2^32-block volume, `start` does not fit a u32, and
+        // a wrapped 0 would make the range the whole volume.
+        let at = u32::try_from(start).unwrap_or(u32::MAX);
+        return Ok((at, u64::from(at)));
+    }
+    // start < end <= 2^32 blocks, so start fits.
+    Ok((start as u32, end))
 }
 
 /// Copies the data a plan names into `buf`, with pread (the synchronous path).
