@@ -22,6 +22,7 @@ use snapblk::csi::proto::node::{
 };
 use snapblk::csi::registry::Registry;
 use snapblk::csi::server::{self, NodeOptions};
+use snapblk::csi::snapshot_metadata::{MetadataStyle, SnapshotMetadata};
 use snapblk::csi::transport::unix_channel;
 use snapblk::engine::Volume;
 use tokio::sync::watch;
@@ -69,6 +70,10 @@ async fn start_controller(dir: &Path, token: &Token, addr: std::net::SocketAddr)
         driver_name: DRIVER.into(),
         registry: registry.clone(),
     };
+    let meta = SnapshotMetadata {
+        registry: registry.clone(),
+        style: MetadataStyle::Variable,
+    };
     let identity = Identity {
         driver_name: DRIVER.into(),
         role: Role::Controller,
@@ -83,7 +88,7 @@ async fn start_controller(dir: &Path, token: &Token, addr: std::net::SocketAddr)
     });
     let s = sock.clone();
     let t2 = tokio::spawn(async move {
-        server::serve_csi(&s, identity, Some(ctl), None, rx)
+        server::serve_csi(&s, identity, Some(ctl), Some(meta), None, rx)
             .await
             .expect("csi");
     });
@@ -130,7 +135,7 @@ async fn start_node(
     };
     let s = sock.clone();
     let t2 = tokio::spawn(async move {
-        server::serve_csi(&s, identity, None, Some(parts.node), rx)
+        server::serve_csi(&s, identity, None, None, Some(parts.node), rx)
             .await
             .expect("csi");
     });
@@ -404,7 +409,8 @@ async fn identity_and_node_info() {
             .into_inner()
             .capabilities;
         let text = format!("{caps:?}");
-        assert_eq!(caps.len(), 3, "{text}");
+        assert_eq!(caps.len(), 4, "{text}");
+        assert!(text.contains("SnapshotMetadataService"), "{text}");
     }
     let mut ctl_id = IdentityClient::new(unix_channel(&c.controller.as_ref().expect("ctl").sock));
     let probe = ctl_id
