@@ -15,13 +15,15 @@ use snapblk::csi::controller::Controller;
 use snapblk::csi::identity::{Identity, Role};
 use snapblk::csi::proto::csi::{
     self, controller_client::ControllerClient, identity_client::IdentityClient,
-    node_client::NodeClient, volume_capability, volume_content_source,
+    node_client::NodeClient, snapshot_metadata_client::SnapshotMetadataClient, volume_capability,
+    volume_content_source,
 };
 use snapblk::csi::proto::node::{
     self as pb, node_agent_client::NodeAgentClient, registry_client::RegistryClient,
 };
 use snapblk::csi::registry::Registry;
 use snapblk::csi::server::{self, NodeOptions};
+use snapblk::csi::snapshot_metadata::{MetadataStyle, SnapshotMetadata};
 use snapblk::csi::transport::unix_channel;
 use snapblk::engine::Volume;
 use tokio::sync::watch;
@@ -69,6 +71,10 @@ async fn start_controller(dir: &Path, token: &Token, addr: std::net::SocketAddr)
         driver_name: DRIVER.into(),
         registry: registry.clone(),
     };
+    let meta = SnapshotMetadata {
+        registry: registry.clone(),
+        style: MetadataStyle::Variable,
+    };
     let identity = Identity {
         driver_name: DRIVER.into(),
         role: Role::Controller,
@@ -83,7 +89,7 @@ async fn start_controller(dir: &Path, token: &Token, addr: std::net::SocketAddr)
     });
     let s = sock.clone();
     let t2 = tokio::spawn(async move {
-        server::serve_csi(&s, identity, Some(ctl), None, rx)
+        server::serve_csi(&s, identity, Some(ctl), Some(meta), None, rx)
             .await
             .expect("csi");
     });
@@ -130,7 +136,7 @@ async fn start_node(
     };
     let s = sock.clone();
     let t2 = tokio::spawn(async move {
-        server::serve_csi(&s, identity, None, Some(parts.node), rx)
+        server::serve_csi(&s, identity, None, None, Some(parts.node), rx)
             .await
             .expect("csi");
     });
@@ -404,7 +410,8 @@ async fn identity_and_node_info() {
             .into_inner()
             .capabilities;
         let text = format!("{caps:?}");
-        assert_eq!(caps.len(), 3, "{text}");
+        assert_eq!(caps.len(), 4, "{text}");
+        assert!(text.contains("SnapshotMetadataService"), "{text}");
     }
     let mut ctl_id = IdentityClient::new(unix_channel(&c.controller.as_ref().expect("ctl").sock));
     let probe = ctl_id
@@ -1235,4 +1242,210 @@ async fn errors_pagination_and_expansion() {
         .into_inner()
         .entries;
     assert_eq!(left.len(), 4);
+}
+
+/// All pages of a GetMetadataAllocated call, as (offset, size) pairs, with the number of
+/// messages; every message checked for its type, capacity and max_results.
+async fn allocated_pages(
+    c: &Cluster,
+    snapshot_id: &str,
+    starting_offset: i64,
+    max_results: i32,
+) -> Result<(Vec<(i64, i64)>, usize), tonic::Status> {
+    let mut client = SnapshotMetadataClient::new(unix_channel(
+        &c.controller.as_ref().expect("controller").sock,
+    ));
+    let mut s = client
+        .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
+            snapshot_id: snapshot_id.into(),
+            starting_offset,
+            max_results,
+            secrets: HashMap::new(),
+        })
+        .await?
+        .into_inner();
+    let (mut out, mut messages) = (vec![], 0);
+    while let Some(m) = s.message().await? {
+        assert_eq!(
+            m.block_metadata_type,
+            csi::BlockMetadataType::VariableLength as i32
+        );
+        assert_eq!(m.volume_capacity_bytes, 64 * MIB);
+        assert!(max_results == 0 || m.block_metadata.len() <= max_results as usize);
+        messages += 1;
+        out.extend(
+            m.block_metadata
+                .iter()
+                .map(|b| (b.byte_offset, b.size_bytes)),
+        );
+    }
+    Ok((out, messages))
+}
+
+async fn delta_pages(
+    c: &Cluster,
+    base: &str,
+    target: &str,
+    starting_offset: i64,
+    max_results: i32,
+) -> Result<Vec<(i64, i64)>, tonic::Status> {
+    let mut client = SnapshotMetadataClient::new(unix_channel(
+        &c.controller.as_ref().expect("controller").sock,
+    ));
+    let mut s = client
+        .get_metadata_delta(csi::GetMetadataDeltaRequest {
+            base_snapshot_id: base.into(),
+            target_snapshot_id: target.into(),
+            starting_offset,
+            max_results,
+            secrets: HashMap::new(),
+        })
+        .await?
+        .into_inner();
+    let mut out = vec![];
+    while let Some(m) = s.message().await? {
+        assert!(m.volume_capacity_bytes > 0);
+        assert!(max_results == 0 || m.block_metadata.len() <= max_results as usize);
+        out.extend(
+            m.block_metadata
+                .iter()
+                .map(|b| (b.byte_offset, b.size_bytes)),
+        );
+    }
+    Ok(out)
+}
+
+/// A backup tool's calls: the allocated ranges of a first snapshot, then the changes to
+/// the next ones, including a snapshot of a volume restored from the first volume's
+/// snapshot, through the controller into the node that owns them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_metadata_through_the_controller() {
+    let c = Cluster::new().await;
+    let mut ctl = c.ctl();
+    let create = |name: &str, node: &str| provisioner_request(name, 64 * MIB, node, &[node]);
+    let vol = ctl
+        .create_volume(create("pvc-cbt-1", "node-a"))
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume");
+    let folder = c.folder(&vol.volume_id);
+    const K: i64 = 4096;
+    write_volume(&folder, 0, &[1u8; 3 * 4096]);
+    write_volume(&folder, 100 * 4096, &[2u8; 4096]);
+    let snap = |name: &'static str, vol: String| {
+        let mut ctl = c.ctl();
+        async move {
+            ctl.create_snapshot(snapshotter_request(name, &vol))
+                .await
+                .expect("snapshot")
+                .into_inner()
+                .snapshot
+                .expect("snapshot")
+                .snapshot_id
+        }
+    };
+    let s1 = snap("snap-cbt-1", vol.volume_id.clone()).await;
+    write_volume(&folder, 2 * 4096, &[3u8; 2 * 4096]);
+    let s2 = snap("snap-cbt-2", vol.volume_id.clone()).await;
+
+    // Full backup of s1, in one message and in pages of one range.
+    let (all, n) = allocated_pages(&c, &s1, 0, 0).await.expect("allocated");
+    assert_eq!(all, vec![(0, 3 * K), (100 * K, K)]);
+    assert_eq!(n, 1);
+    let (paged, n) = allocated_pages(&c, &s1, 0, 1).await.expect("paged");
+    assert_eq!((paged, n), (all.clone(), 2));
+    // Resumed after the first range: nothing before starting_offset.
+    let (rest, _) = allocated_pages(&c, &s1, 3 * K, 0).await.expect("resumed");
+    assert_eq!(rest, vec![(100 * K, K)]);
+    let (mid, _) = allocated_pages(&c, &s1, K, 0).await.expect("mid-range");
+    assert_eq!(mid, vec![(K, 2 * K), (100 * K, K)]);
+    let (end, _) = allocated_pages(&c, &s1, 64 * MIB, 0)
+        .await
+        .expect("at the end");
+    assert!(end.is_empty());
+
+    // Incremental backup s1 -> s2.
+    let d = delta_pages(&c, &s1, &s2, 0, 0).await.expect("delta");
+    assert_eq!(d, vec![(2 * K, 2 * K)]);
+
+    // A volume restored from s2, written and snapshotted: its snapshot descends from s1,
+    // even once s2 (the restore's source) is deleted.
+    let restored = ctl
+        .create_volume(restore_request("pvc-cbt-restored", 64 * MIB, &s2, "node-a"))
+        .await
+        .expect("restore")
+        .into_inner()
+        .volume
+        .expect("volume");
+    write_volume(&c.folder(&restored.volume_id), 200 * 4096, &[4u8; 4096]);
+    let r1 = snap("snap-cbt-r1", restored.volume_id.clone()).await;
+    ctl.delete_snapshot(csi::DeleteSnapshotRequest {
+        snapshot_id: s2.clone(),
+        secrets: HashMap::new(),
+    })
+    .await
+    .expect("delete s2");
+    let d = delta_pages(&c, &s1, &r1, 0, 1)
+        .await
+        .expect("delta across the restore");
+    assert_eq!(d, vec![(2 * K, 2 * K), (200 * K, K)]);
+
+    // Errors a backup tool acts on.
+    let other = ctl
+        .create_volume(create("pvc-cbt-other", "node-a"))
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume");
+    let foreign = snap("snap-cbt-other", other.volume_id.clone()).await;
+    let e = delta_pages(&c, &foreign, &r1, 0, 0)
+        .await
+        .expect_err("foreign base");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("full backup"), "{}", e.message());
+    let e = delta_pages(&c, &s2, &r1, 0, 0)
+        .await
+        .expect_err("deleted base");
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    assert!(e.message().contains("full backup"), "{}", e.message());
+    let on_b = ctl
+        .create_volume(create("pvc-cbt-b", "node-b"))
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume");
+    let sb = snap("snap-cbt-b", on_b.volume_id.clone()).await;
+    let e = delta_pages(&c, &sb, &r1, 0, 0)
+        .await
+        .expect_err("another node");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert_eq!(
+        code(delta_pages(&c, &s1, &s1, 0, 0).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(allocated_pages(&c, &s1, 64 * MIB + K, 0).await),
+        Code::OutOfRange
+    );
+    assert_eq!(
+        code(allocated_pages(&c, &s1, -1, 0).await),
+        Code::OutOfRange
+    );
+    assert_eq!(
+        code(allocated_pages(&c, &s1, 0, -1).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(allocated_pages(&c, "", 0, 0).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(allocated_pages(&c, "not-an-id", 0, 0).await),
+        Code::NotFound
+    );
+    assert_eq!(code(allocated_pages(&c, &s2, 0, 0).await), Code::NotFound);
 }

@@ -13,6 +13,7 @@ use crate::csi::controller::Controller;
 use crate::csi::identity::{Identity, Role};
 use crate::csi::registry::Registry;
 use crate::csi::server::{self, NodeOptions};
+use crate::csi::snapshot_metadata::{MetadataStyle, SnapshotMetadata};
 use crate::csi::transport;
 
 /// The CSI driver's processes.
@@ -56,6 +57,10 @@ pub struct ControllerArgs {
     /// Secret; at least 16 characters).
     #[arg(long, value_name = "PATH")]
     pub token_file: PathBuf,
+    /// How SnapshotMetadata answers cut ranges: `variable` (VARIABLE_LENGTH, maximal
+    /// runs) or `fixed` (FIXED_LENGTH, one range per block of the volume).
+    #[arg(long, value_enum, default_value_t = MetadataStyle::Variable)]
+    pub snapshot_metadata_type: MetadataStyle,
 }
 
 /// What a node plugin takes (also the all-in-one process).
@@ -104,6 +109,10 @@ pub struct AllInOneArgs {
     pub common: CommonArgs,
     #[command(flatten)]
     pub node: NodeCommonArgs,
+    /// How SnapshotMetadata answers cut ranges: `variable` (VARIABLE_LENGTH, maximal
+    /// runs) or `fixed` (FIXED_LENGTH, one range per block of the volume).
+    #[arg(long, value_enum, default_value_t = MetadataStyle::Variable)]
+    pub snapshot_metadata_type: MetadataStyle,
 }
 
 fn node_options(common: &CommonArgs, n: &NodeCommonArgs) -> anyhow::Result<NodeOptions> {
@@ -182,8 +191,12 @@ async fn controller(a: ControllerArgs, shutdown: server::Shutdown) -> Result<(),
         driver_name: a.common.driver_name.clone(),
         registry: registry.clone(),
     };
+    let meta = SnapshotMetadata {
+        registry: registry.clone(),
+        style: a.snapshot_metadata_type,
+    };
     let reg = server::serve_registry(listener, registry, token, shutdown.clone());
-    let csi = server::serve_csi(&socket, identity, Some(ctl), None, shutdown);
+    let csi = server::serve_csi(&socket, identity, Some(ctl), Some(meta), None, shutdown);
     let (r, c) = tokio::join!(reg, csi);
     r.and(c)
 }
@@ -209,7 +222,7 @@ async fn node(a: NodeArgs, shutdown: server::Shutdown) -> Result<(), String> {
         role: Role::Node,
     };
     let ag = server::serve_agent(listener, parts.agent, token, shutdown.clone());
-    let csi = server::serve_csi(&socket, identity, None, Some(parts.node), shutdown);
+    let csi = server::serve_csi(&socket, identity, None, None, Some(parts.node), shutdown);
     let (r, c) = tokio::join!(ag, csi);
     beat.abort();
     r.and(c)
@@ -222,7 +235,7 @@ async fn all_in_one(a: AllInOneArgs, shutdown: server::Shutdown) -> Result<(), S
     if let Some(why) = agent::ublk_unready() {
         tracing::warn!("{why}; Probe fails until it is fixed");
     }
-    server::run_all_in_one(&socket, &o, shutdown).await
+    server::run_all_in_one(&socket, &o, a.snapshot_metadata_type, shutdown).await
 }
 
 #[cfg(test)]

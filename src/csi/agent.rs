@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::auth::Token;
@@ -13,6 +14,15 @@ use super::proto::node::registry_client::RegistryClient;
 use super::registry::HEARTBEAT_INTERVAL;
 use super::status;
 use super::store::Store;
+use crate::engine::{BlockRuns, Extent};
+
+/// Ranges per page when the caller does not say.
+pub const DEFAULT_PAGE: usize = 1024;
+/// Most ranges per page, whatever the caller asks: pages stay far below gRPC's message
+/// limit, and memory stays bounded by a few pages in flight.
+pub const MAX_PAGE: usize = 16384;
+/// Pages computed ahead of the network.
+const PAGES_AHEAD: usize = 2;
 
 /// Why this node cannot serve ublk devices right now, if it cannot.
 pub fn ublk_unready() -> Option<String> {
@@ -161,6 +171,123 @@ impl pb::node_agent_server::NodeAgent for Agent {
         })
         .await
     }
+
+    type GetAllocatedStream = ReceiverStream<Result<pb::BlockRanges, Status>>;
+
+    #[tracing::instrument(skip_all, err, fields(volume = ?req.get_ref().snapshot.as_ref().map(|s| &s.volume_key)))]
+    async fn get_allocated(
+        &self,
+        req: Request<pb::GetAllocatedRequest>,
+    ) -> Result<Response<Self::GetAllocatedStream>, Status> {
+        let r = req.into_inner();
+        let snap = r.snapshot.ok_or_else(|| status::missing("snapshot"))?;
+        let runs = self
+            .run(move |s| s.allocated_runs(&snap.volume_key, snap.snapshot_id))
+            .await?
+            .into_inner();
+        stream_pages(runs, r.starting_offset, r.style, r.max_results).map(Response::new)
+    }
+
+    type GetDeltaStream = ReceiverStream<Result<pb::BlockRanges, Status>>;
+
+    #[tracing::instrument(skip_all, err, fields(volume = ?req.get_ref().target.as_ref().map(|s| &s.volume_key)))]
+    async fn get_delta(
+        &self,
+        req: Request<pb::GetDeltaRequest>,
+    ) -> Result<Response<Self::GetDeltaStream>, Status> {
+        let r = req.into_inner();
+        let base = r.base.ok_or_else(|| status::missing("base"))?;
+        let target = r.target.ok_or_else(|| status::missing("target"))?;
+        let runs = self
+            .run(move |s| s.changed_runs(&base, &target))
+            .await?
+            .into_inner();
+        stream_pages(runs, r.starting_offset, r.style, r.max_results).map(Response::new)
+    }
+}
+
+/// The ranges of an answer cut into pages of at most `max` ranges, each range maximal
+/// (variable style) or one block long (fixed style).
+pub struct Pages {
+    runs: BlockRuns,
+    fixed: bool,
+    max: usize,
+    /// The rest of a run cut into blocks that did not fit the previous page.
+    carry: Option<Extent>,
+}
+
+impl Pages {
+    /// Pages of `runs`; `max_results` 0 takes [`DEFAULT_PAGE`], and at most [`MAX_PAGE`].
+    pub fn new(runs: BlockRuns, fixed: bool, max_results: u32) -> Pages {
+        let max = match max_results as usize {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        Pages {
+            runs,
+            fixed,
+            max,
+            carry: None,
+        }
+    }
+}
+
+impl Iterator for Pages {
+    type Item = Vec<pb::BlockRange>;
+
+    fn next(&mut self) -> Option<Vec<pb::BlockRange>> {
+        let bs = u64::from(self.runs.block_size());
+        let mut page = Vec::with_capacity(self.max.min(DEFAULT_PAGE));
+        while page.len() < self.max {
+            let Some(e) = self.carry.take().or_else(|| self.runs.next()) else {
+                break;
+            };
+            if self.fixed && e.length > bs {
+                self.carry = Some(Extent {
+                    offset: e.offset + bs,
+                    length: e.length - bs,
+                });
+            }
+            page.push(pb::BlockRange {
+                offset: e.offset,
+                length: if self.fixed { bs } else { e.length },
+            });
+        }
+        (!page.is_empty()).then_some(page)
+    }
+}
+
+/// Streams the pages of `runs` from `starting_offset`, computed on a blocking thread a
+/// few pages ahead of the receiver; stops when the receiver goes away.
+fn stream_pages(
+    runs: BlockRuns,
+    starting_offset: u64,
+    style: i32,
+    max_results: u32,
+) -> Result<ReceiverStream<Result<pb::BlockRanges, Status>>, Status> {
+    let size = runs.size();
+    if starting_offset > size {
+        return Err(Status::out_of_range(format!(
+            "starting_offset {starting_offset} is past the end of the snapshot ({size} bytes)"
+        )));
+    }
+    let block_size = runs.block_size();
+    let fixed = style == pb::RangeStyle::RangeFixed as i32;
+    let pages = Pages::new(runs.starting_at(starting_offset), fixed, max_results);
+    let (tx, rx) = tokio::sync::mpsc::channel(PAGES_AHEAD);
+    tokio::task::spawn_blocking(move || {
+        for ranges in pages {
+            let page = pb::BlockRanges {
+                size_bytes: size,
+                block_size,
+                ranges,
+            };
+            if tx.blocking_send(Ok(page)).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(ReceiverStream::new(rx))
 }
 
 /// Sends heartbeats to the controller at `controller` forever, so it knows this node is

@@ -268,7 +268,7 @@ fn skipped(node: &str, e: &Status, what: &str) {
 }
 
 /// A node's error, passed on with the node named (its code is the CSI code already).
-fn relay(node: &str, e: Status) -> Status {
+pub(crate) fn relay(node: &str, e: Status) -> Status {
     let code = match e.code() {
         // The node could not be reached at all.
         Code::Unknown | Code::Cancelled => Code::Unavailable,

@@ -51,6 +51,7 @@ impl csi::identity_server::Identity for Identity {
             capabilities: vec![
                 service(Type::ControllerService),
                 service(Type::VolumeAccessibilityConstraints),
+                service(Type::SnapshotMetadataService),
                 csi::PluginCapability {
                     r#type: Some(plugin_capability::Type::VolumeExpansion(
                         plugin_capability::VolumeExpansion {

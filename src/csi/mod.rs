@@ -6,8 +6,9 @@
 //! a served volume's daemon, the engine for a volume nobody serves). The controller keeps
 //! no state: IDs name their node, and the nodes announce themselves by heartbeat.
 //!
-//! One file per gRPC service (`identity`, `controller`, `node`, and `agent`: the node's
-//! side of the controller-to-node contract in `proto/snapblk_node.proto`).
+//! One file per gRPC service (`identity`, `controller`, `node`, `snapshot_metadata`, and
+//! `agent`: the node's side of the controller-to-node contract in
+//! `proto/snapblk_node.proto`).
 
 pub mod agent;
 pub mod auth;
@@ -22,6 +23,7 @@ pub mod params;
 pub mod proto;
 pub mod registry;
 pub mod server;
+pub mod snapshot_metadata;
 pub mod status;
 pub mod store;
 pub mod transport;

@@ -19,9 +19,11 @@ use super::node::Node;
 use super::oplock::OpLocks;
 use super::proto::csi::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
+    snapshot_metadata_server::SnapshotMetadataServer,
 };
 use super::proto::node::{node_agent_server::NodeAgentServer, registry_server::RegistryServer};
 use super::registry::{Registry, RegistryService, HEARTBEAT_INTERVAL};
+use super::snapshot_metadata::{MetadataStyle, SnapshotMetadata};
 use super::store::Store;
 use super::transport;
 
@@ -110,11 +112,13 @@ fn supervise(daemons: std::sync::Weak<Daemons>, ops: OpLocks) {
     }
 }
 
-/// Serves the CSI services on the Unix socket at `socket` until `shutdown`.
+/// Serves the CSI services on the Unix socket at `socket` until `shutdown` (the
+/// SnapshotMetadata service beside the Controller: one endpoint for the whole driver).
 pub async fn serve_csi(
     socket: &Path,
     identity: Identity,
     controller: Option<Controller>,
+    snapshot_metadata: Option<SnapshotMetadata>,
     node: Option<Node>,
     shutdown: Shutdown,
 ) -> Result<(), String> {
@@ -124,6 +128,7 @@ pub async fn serve_csi(
     let result = Server::builder()
         .add_service(IdentityServer::new(identity))
         .add_optional_service(controller.map(ControllerServer::new))
+        .add_optional_service(snapshot_metadata.map(SnapshotMetadataServer::new))
         .add_optional_service(node.map(NodeServer::new))
         .serve_with_incoming_shutdown(incoming, wait(shutdown))
         .await;
@@ -201,6 +206,7 @@ pub async fn listen(addr: SocketAddr, flag: &str) -> Result<TcpListener, String>
 pub async fn run_all_in_one(
     socket: &Path,
     o: &NodeOptions,
+    metadata_style: MetadataStyle,
     shutdown: Shutdown,
 ) -> Result<(), String> {
     let parts = node_parts(o)?;
@@ -227,6 +233,10 @@ pub async fn run_all_in_one(
         driver_name: o.driver_name.clone(),
         role: Role::AllInOne,
     };
+    let snapshot_metadata = SnapshotMetadata {
+        registry: registry.clone(),
+        style: metadata_style,
+    };
     let controller = Controller {
         driver_name: o.driver_name.clone(),
         registry,
@@ -236,6 +246,7 @@ pub async fn run_all_in_one(
         socket,
         identity,
         Some(controller),
+        Some(snapshot_metadata),
         Some(parts.node),
         shutdown,
     );

@@ -9,7 +9,11 @@ use crate::engine::EngineError;
 /// The status for an engine error, prefixed with what was being done.
 pub fn engine(context: &str, e: EngineError) -> Status {
     let code = match &e {
-        EngineError::SnapshotNotFound(_) | EngineError::NotAVolume { .. } => Code::NotFound,
+        EngineError::SnapshotNotFound(_)
+        | EngineError::SnapshotIdNotFound(_)
+        | EngineError::NotAVolume { .. } => Code::NotFound,
+        // The spec's answer when changed blocks cannot be tracked: take a full backup.
+        EngineError::Unrelated(_) => Code::FailedPrecondition,
         EngineError::SnapshotExists(_) | EngineError::AlreadyExists { .. } => Code::AlreadyExists,
         EngineError::Invalid(_) => Code::InvalidArgument,
         EngineError::OutOfRange { .. } => Code::OutOfRange,

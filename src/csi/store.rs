@@ -596,6 +596,54 @@ impl Store {
             .collect()
     }
 
+    /// The ranges of snapshot `id` of volume `key` that hold data (deleted volumes'
+    /// snapshots included). Read from the volume's files, served or not.
+    pub fn allocated_runs(&self, key: &str, id: u64) -> Result<engine::BlockRuns, Status> {
+        let e = self.entry(key)?;
+        engine::allocated_runs(&self.dir(&e.key), id)
+            .map_err(|err| status::engine(&format!("volume {key}"), err))
+    }
+
+    /// The ranges changed from snapshot `base` to snapshot `target`: of one volume, or the
+    /// target's volume restored or cloned (at any depth) from the base's after the base.
+    pub fn changed_runs(
+        &self,
+        base: &pb::SnapshotRef,
+        target: &pb::SnapshotRef,
+    ) -> Result<engine::BlockRuns, Status> {
+        let ctx = format!(
+            "changes from snapshot {} of volume {} to snapshot {} of volume {}",
+            base.snapshot_id, base.volume_key, target.snapshot_id, target.volume_key
+        );
+        let t = self.entry(&target.volume_key)?;
+        let b = self.entry(&base.volume_key).map_err(|e| {
+            if e.code() == tonic::Code::NotFound {
+                Status::not_found(format!(
+                    "{ctx}: the base's volume is gone with all its snapshots; take a full backup"
+                ))
+            } else {
+                e
+            }
+        })?;
+        engine::changed_runs(
+            &self.dir(&b.key),
+            base.snapshot_id,
+            &self.dir(&t.key),
+            target.snapshot_id,
+        )
+        .map_err(|err| {
+            // What a backup tool must hear to fall back to a full copy.
+            let full = matches!(err, engine::EngineError::Unrelated(_))
+                || matches!(err, engine::EngineError::SnapshotIdNotFound(n) if n == base.snapshot_id);
+            let st = status::engine(&ctx, err);
+            if full {
+                Status::new(st.code(), format!("{}; take a full backup", st.message()))
+            } else {
+                st
+            }
+        })
+    }
+
     /// The node's live volumes, optionally only the one of a CreateVolume name.
     pub fn volumes(&self, name: &str) -> Vec<pb::Volume> {
         self.entries()

@@ -104,12 +104,15 @@ pub struct DeviceInfo {
 /// Maps an engine error to a protocol error.
 pub fn engine_error(e: EngineError) -> CtlError {
     let code = match &e {
-        EngineError::SnapshotNotFound(_) | EngineError::NotAVolume { .. } => ErrorCode::NotFound,
+        EngineError::SnapshotNotFound(_)
+        | EngineError::SnapshotIdNotFound(_)
+        | EngineError::NotAVolume { .. } => ErrorCode::NotFound,
         EngineError::SnapshotExists(_) | EngineError::AlreadyExists { .. } => {
             ErrorCode::AlreadyExists
         }
         EngineError::InvalidName(_) => ErrorCode::InvalidName,
         EngineError::Invalid(_)
+        | EngineError::Unrelated(_)
         | EngineError::OutOfRange { .. }
         | EngineError::Unaligned { .. } => ErrorCode::BadRequest,
         EngineError::Busy { .. } => ErrorCode::Busy,

@@ -9,7 +9,7 @@ use super::error::{EngineError, Result};
 use super::extent::runs;
 use super::fsutil;
 use super::layer;
-use super::manifest::{LayerEntry, Manifest, Origin, FORMAT};
+use super::manifest::{Ancestor, LayerEntry, Manifest, Origin, FORMAT};
 use super::volume::{now_ms, random_id, write_new_volume, Volume};
 
 impl Volume {
@@ -71,16 +71,32 @@ impl Volume {
                 self.link_layer(l, tmp)?;
             }
             let head_id = meta.take_layer_id();
+            // Each inherited layer keeps the lineage: the snapshot of this volume it was the
+            // layer of, or the mark it inherited itself from an earlier clone.
+            let source_id = meta.manifest.volume_id.clone();
             let mut entries: Vec<LayerEntry> = layers
                 .iter()
                 .map(|l| LayerEntry {
                     id: l.id,
                     merge_pending: false,
+                    ancestor: match meta.manifest.snapshots.iter().find(|s| s.layer == l.id) {
+                        Some(s) => Some(Ancestor {
+                            volume_id: source_id.clone(),
+                            snapshot_id: s.id,
+                        }),
+                        None => meta
+                            .manifest
+                            .layers
+                            .iter()
+                            .find(|e| e.id == l.id)
+                            .and_then(|e| e.ancestor.clone()),
+                    },
                 })
                 .collect();
             entries.push(LayerEntry {
                 id: head_id,
                 merge_pending: false,
+                ancestor: None,
             });
             let m = Manifest {
                 format: FORMAT,

@@ -55,6 +55,13 @@ pub enum EngineError {
     /// No snapshot of that name.
     #[error("no snapshot named {0:?}")]
     SnapshotNotFound(String),
+    /// No snapshot with that id.
+    #[error("no snapshot with id {0}")]
+    SnapshotIdNotFound(u64),
+    /// Two snapshots of which neither descends from the other: no changed blocks between
+    /// them can be known.
+    #[error("{0}")]
+    Unrelated(String),
     /// A snapshot of that name exists already.
     #[error("a snapshot named {0:?} already exists")]
     SnapshotExists(String),
@@ -70,12 +77,15 @@ impl EngineError {
             EngineError::OutOfRange { .. }
             | EngineError::Unaligned { .. }
             | EngineError::Invalid(_)
-            | EngineError::InvalidName(_) => libc::EINVAL,
+            | EngineError::InvalidName(_)
+            | EngineError::Unrelated(_) => libc::EINVAL,
             EngineError::Io { err, .. } => err.raw_os_error().unwrap_or(libc::EIO),
             EngineError::Corrupt { .. }
             | EngineError::UnsupportedVersion { .. }
             | EngineError::InjectedCrash(_) => libc::EIO,
-            EngineError::NotAVolume { .. } | EngineError::SnapshotNotFound(_) => libc::ENOENT,
+            EngineError::NotAVolume { .. }
+            | EngineError::SnapshotNotFound(_)
+            | EngineError::SnapshotIdNotFound(_) => libc::ENOENT,
             EngineError::AlreadyExists { .. } | EngineError::SnapshotExists(_) => libc::EEXIST,
             EngineError::Busy { .. } => libc::EBUSY,
         }

@@ -217,6 +217,8 @@ impl Volume {
             [super::manifest::LayerEntry {
                 id: with.id,
                 merge_pending: keep_pending,
+                // Only a volume's own layers are merged; inherited ones never are.
+                ancestor: None,
             }],
         );
         edit(&mut m);

@@ -5,7 +5,9 @@
 //! first line's bytes, so a damaged manifest is refused instead of half-trusted.
 //!
 //! Format changelog: version 1, the first; later within version 1, the optional `size` of
-//! snapshot entries (volumes can grow; see docs/engine.md).
+//! snapshot entries (volumes can grow; see docs/engine.md); later still, the optional
+//! `ancestor` of layer entries (the lineage of clones, for changed-block tracking across
+//! a restore).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -29,6 +31,20 @@ pub struct LayerEntry {
     /// The layer's snapshot was deleted: it waits to be merged into the layer above.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub merge_pending: bool,
+    /// For a layer a clone inherited: the snapshot of the volume it came from whose own
+    /// layer this was at the time (inherited along with the layer by clones of clones).
+    /// Absent for a volume's own layers and in manifests written before clones kept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ancestor: Option<Ancestor>,
+}
+
+/// A snapshot of an earlier volume of a clone's lineage: its volume's `volume_id` and its
+/// snapshot id there. Inherited layers never change in a clone (nothing merges them), so
+/// the layers above the one marked with a snapshot are exactly what changed since it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Ancestor {
+    pub volume_id: String,
+    pub snapshot_id: u64,
 }
 
 /// A named snapshot: the content of the stack up to and including `layer`.
@@ -142,9 +158,18 @@ impl Manifest {
             return Err("the head layer is marked for merging".into());
         }
         let mut ids = std::collections::HashSet::new();
+        let mut ancestors = std::collections::HashSet::new();
         for l in &self.layers {
             if !ids.insert(l.id) {
                 return Err(format!("layer {} appears twice", l.id));
+            }
+            if let Some(a) = &l.ancestor {
+                if !ancestors.insert(a) {
+                    return Err(format!(
+                        "snapshot {} of volume {} marks two layers",
+                        a.snapshot_id, a.volume_id
+                    ));
+                }
             }
             if l.id >= self.next_layer_id {
                 return Err(format!(
@@ -209,6 +234,11 @@ impl Manifest {
     pub fn snapshot(&self, name: &str) -> Option<&SnapshotEntry> {
         self.snapshots.iter().find(|s| s.name == name)
     }
+
+    /// The snapshot whose id is `id`.
+    pub fn snapshot_by_id(&self, id: u64) -> Option<&SnapshotEntry> {
+        self.snapshots.iter().find(|s| s.id == id)
+    }
 }
 
 /// Checks a volume size and block size.
@@ -247,10 +277,12 @@ mod tests {
                 LayerEntry {
                     id: 1,
                     merge_pending: false,
+                    ancestor: None,
                 },
                 LayerEntry {
                     id: 2,
                     merge_pending: false,
+                    ancestor: None,
                 },
             ],
             snapshots: vec![SnapshotEntry {
@@ -338,5 +370,28 @@ mod tests {
         m.store(dir.path()).expect("store");
         let back = Manifest::load(dir.path()).expect("load");
         assert_eq!(back.snapshots[0].size_in(back.size), 1 << 20);
+    }
+
+    #[test]
+    fn layer_ancestors_are_optional_and_unique() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut m = sample();
+        m.layers[0].ancestor = Some(Ancestor {
+            volume_id: "src".into(),
+            snapshot_id: 4,
+        });
+        m.store(dir.path()).expect("store");
+        assert_eq!(Manifest::load(dir.path()).expect("load"), m);
+        // A manifest without them (an older build's) loads with none.
+        sample().store(dir.path()).expect("store");
+        let text = fs::read_to_string(Manifest::path(dir.path())).expect("read");
+        assert!(!text.contains("ancestor"), "{text}");
+        assert_eq!(
+            Manifest::load(dir.path()).expect("load").layers[0].ancestor,
+            None
+        );
+        let mut twice = m.clone();
+        twice.layers[1].ancestor = twice.layers[0].ancestor.clone();
+        assert!(twice.validate().is_err(), "one snapshot marking two layers");
     }
 }

@@ -11,6 +11,7 @@
 
 mod aligned;
 mod catalog;
+mod cbt;
 mod clone;
 mod error;
 mod extent;
@@ -28,6 +29,7 @@ mod volume;
 
 pub use aligned::AlignedBuf;
 pub use catalog::{destroy, summary, SnapshotSummary, VolumeSummary};
+pub use cbt::{allocated_runs, changed_runs, BlockRuns};
 pub use error::{EngineError, Result};
 pub use extent::Extent;
 pub use manifest::MAX_BLOCKS;

@@ -143,6 +143,7 @@ impl Volume {
             m.layers.push(LayerEntry {
                 id: l.id,
                 merge_pending: false,
+                ancestor: None,
             });
         }
         if let Some(s) = snapshot {

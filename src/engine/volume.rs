@@ -202,6 +202,7 @@ impl Volume {
             layers: vec![LayerEntry {
                 id: 1,
                 merge_pending: false,
+                ancestor: None,
             }],
             snapshots: vec![],
             origin: None,
