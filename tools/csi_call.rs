@@ -11,7 +11,8 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use snapblk::csi::proto::csi::{
     self, controller_client::ControllerClient, identity_client::IdentityClient,
-    node_client::NodeClient, volume_capability, volume_content_source,
+    node_client::NodeClient, snapshot_metadata_client::SnapshotMetadataClient, volume_capability,
+    volume_content_source,
 };
 use snapblk::csi::transport::{socket_path, unix_channel};
 
@@ -147,6 +148,42 @@ enum Call {
         #[arg(long)]
         path: PathBuf,
     },
+    /// The external-snapshot-metadata sidecar's GetMetadataAllocated: prints
+    /// `range=OFFSET,LENGTH` per allocated range.
+    MetadataAllocated {
+        #[arg(long)]
+        snapshot: String,
+        #[arg(long, default_value_t = 0)]
+        starting_offset: i64,
+        #[arg(long, default_value_t = 0)]
+        max_results: i32,
+    },
+    /// GetMetadataDelta: prints `range=OFFSET,LENGTH` per changed range.
+    MetadataDelta {
+        #[arg(long)]
+        base: String,
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value_t = 0)]
+        starting_offset: i64,
+        #[arg(long, default_value_t = 0)]
+        max_results: i32,
+    },
+}
+
+/// Prints a stream's ranges; its messages' type and capacity once.
+fn print_ranges(kind: i32, capacity: i64, ranges: &[csi::BlockMetadata], first: &mut bool) {
+    if *first {
+        let t = csi::BlockMetadataType::try_from(kind)
+            .map(|t| t.as_str_name().to_string())
+            .unwrap_or_default();
+        println!("block_metadata_type={t}");
+        println!("volume_capacity_bytes={capacity}");
+        *first = false;
+    }
+    for r in ranges {
+        println!("range={},{}", r.byte_offset, r.size_bytes);
+    }
 }
 
 fn capability(a: &Access) -> csi::VolumeCapability {
@@ -209,7 +246,8 @@ async fn call(endpoint: &str, c: Call) -> Result<(), tonic::Status> {
     let ch = unix_channel(&sock);
     let mut id = IdentityClient::new(ch.clone());
     let mut ctl = ControllerClient::new(ch.clone());
-    let mut node = NodeClient::new(ch);
+    let mut node = NodeClient::new(ch.clone());
+    let mut meta = SnapshotMetadataClient::new(ch);
     let bad = |e: String| tonic::Status::invalid_argument(e);
     match c {
         Call::Probe => {
@@ -396,6 +434,56 @@ async fn call(endpoint: &str, c: Call) -> Result<(), tonic::Status> {
                 .await?
                 .into_inner();
             println!("capacity_bytes={}", r.capacity_bytes);
+        }
+        Call::MetadataAllocated {
+            snapshot,
+            starting_offset,
+            max_results,
+        } => {
+            let mut stream = meta
+                .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
+                    snapshot_id: snapshot,
+                    starting_offset,
+                    max_results,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let mut first = true;
+            while let Some(m) = stream.message().await? {
+                print_ranges(
+                    m.block_metadata_type,
+                    m.volume_capacity_bytes,
+                    &m.block_metadata,
+                    &mut first,
+                );
+            }
+        }
+        Call::MetadataDelta {
+            base,
+            target,
+            starting_offset,
+            max_results,
+        } => {
+            let mut stream = meta
+                .get_metadata_delta(csi::GetMetadataDeltaRequest {
+                    base_snapshot_id: base,
+                    target_snapshot_id: target,
+                    starting_offset,
+                    max_results,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let mut first = true;
+            while let Some(m) = stream.message().await? {
+                print_ranges(
+                    m.block_metadata_type,
+                    m.volume_capacity_bytes,
+                    &m.block_metadata,
+                    &mut first,
+                );
+            }
         }
         Call::Stats { volume, path: p } => {
             let r = node
