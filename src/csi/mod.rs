@@ -6,13 +6,15 @@
 //! a served volume's daemon, the engine for a volume nobody serves). The controller keeps
 //! no state: IDs name their node, and the nodes announce themselves by heartbeat.
 //!
-//! One file per gRPC service (`identity`, `controller`, `node`, and `agent`: the node's
-//! side of the controller-to-node contract in `proto/snapblk_node.proto`).
+//! One file per gRPC service (`identity`, `controller`, `group_controller`, `node`, and
+//! `agent`: the node's side of the controller-to-node contract in
+//! `proto/snapblk_node.proto`).
 
 pub mod agent;
 pub mod auth;
 pub mod controller;
 pub mod daemon;
+pub mod group_controller;
 pub mod identity;
 pub mod ids;
 pub mod mounts;
