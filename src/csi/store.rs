@@ -637,10 +637,15 @@ impl Store {
                 }),
                 &ctx,
             )?;
+            // A cut inside a freeze held for a group snapshot freezes nothing itself,
+            // and the daemon says the cut was application-consistent.
             let frozen = r
                 .get("frozen_mounts")
                 .and_then(|m| m.as_array())
-                .is_some_and(|m| !m.is_empty());
+                .is_some_and(|m| !m.is_empty())
+                || r.get("consistency")
+                    .and_then(|c| c.as_str())
+                    .is_some_and(|c| c.starts_with("application"));
             let us = |field: &str| {
                 r.get(field)
                     .and_then(|v| v.as_f64())
