@@ -14,9 +14,9 @@ use snapblk::csi::auth::Token;
 use snapblk::csi::controller::Controller;
 use snapblk::csi::identity::{Identity, Role};
 use snapblk::csi::proto::csi::{
-    self, controller_client::ControllerClient, identity_client::IdentityClient,
-    node_client::NodeClient, snapshot_metadata_client::SnapshotMetadataClient, volume_capability,
-    volume_content_source,
+    self, controller_client::ControllerClient, group_controller_client::GroupControllerClient,
+    identity_client::IdentityClient, node_client::NodeClient,
+    snapshot_metadata_client::SnapshotMetadataClient, volume_capability, volume_content_source,
 };
 use snapblk::csi::proto::node::{
     self as pb, node_agent_client::NodeAgentClient, registry_client::RegistryClient,
@@ -34,12 +34,23 @@ const DRIVER: &str = "csi.snapblk.io";
 const TOPO: &str = "topology.csi.snapblk.io/node";
 const MIB: i64 = 1 << 20;
 
+/// A node plugin, on a runtime of its own: stopping it ends every task it has, accepted
+/// connections included, as when the node goes down.
 struct NodeProc {
     sock: PathBuf,
     state: PathBuf,
     agent_addr: String,
-    stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        // A runtime dropped inside the test's own runtime would block it; let it end
+        // by itself.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 struct ControllerProc {
@@ -109,7 +120,14 @@ async fn start_node(
 ) -> NodeProc {
     let state = dir.join(name);
     let sock = dir.join(format!("{name}.sock"));
-    let (stop, rx) = watch::channel(false);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("node runtime");
+    // The node's shutdown signal is never sent: the runtime's end stops it.
+    let (_stop, rx) = watch::channel(false);
+    std::mem::forget(_stop);
     let parts = server::node_parts(&NodeOptions {
         node_id: name.into(),
         driver_name: DRIVER.into(),
@@ -118,13 +136,13 @@ async fn start_node(
         max_volumes: 0,
     })
     .expect("node parts");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
     let agent_addr = format!("http://{}", listener.local_addr().expect("addr"));
-    let t1 = tokio::spawn({
+    runtime.spawn({
         let (token, rx) = (token.clone(), rx.clone());
         async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
             server::serve_agent(listener, parts.agent, token, rx)
                 .await
                 .expect("agent");
@@ -135,12 +153,12 @@ async fn start_node(
         role: Role::Node,
     };
     let s = sock.clone();
-    let t2 = tokio::spawn(async move {
+    runtime.spawn(async move {
         server::serve_csi(&s, identity, None, None, Some(parts.node), rx)
             .await
             .expect("csi");
     });
-    let t3 = tokio::spawn(agent::heartbeat(
+    runtime.spawn(agent::heartbeat(
         format!("http://{registry}"),
         name.into(),
         agent_addr.clone(),
@@ -151,8 +169,7 @@ async fn start_node(
         sock,
         state,
         agent_addr,
-        stop,
-        tasks: vec![t1, t2, t3],
+        runtime: Some(runtime),
     }
 }
 
@@ -227,12 +244,7 @@ impl Cluster {
     }
 
     async fn stop_node(&mut self, n: &str) {
-        let p = self.nodes.remove(n).expect("node");
-        let _ = p.stop.send(true);
-        for t in p.tasks {
-            t.abort();
-            let _ = t.await;
-        }
+        drop(self.nodes.remove(n).expect("node"));
     }
 
     async fn restart_controller(&mut self) {
@@ -410,8 +422,9 @@ async fn identity_and_node_info() {
             .into_inner()
             .capabilities;
         let text = format!("{caps:?}");
-        assert_eq!(caps.len(), 4, "{text}");
+        assert_eq!(caps.len(), 5, "{text}");
         assert!(text.contains("SnapshotMetadataService"), "{text}");
+        assert!(text.contains("GroupControllerService"), "{text}");
     }
     let mut ctl_id = IdentityClient::new(unix_channel(&c.controller.as_ref().expect("ctl").sock));
     let probe = ctl_id
@@ -1448,4 +1461,463 @@ async fn snapshot_metadata_through_the_controller() {
         Code::NotFound
     );
     assert_eq!(code(allocated_pages(&c, &s2, 0, 0).await), Code::NotFound);
+}
+
+/// The external-snapshotter's CreateVolumeGroupSnapshot for a VolumeGroupSnapshot whose
+/// label selector matched `volumes` (its name is `groupsnapshot-<uid>`).
+fn group_request(name: &str, volumes: &[&str]) -> csi::CreateVolumeGroupSnapshotRequest {
+    csi::CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: volumes.iter().map(|v| v.to_string()).collect(),
+        parameters: HashMap::from([
+            (
+                "csi.storage.k8s.io/volumegroupsnapshot/name".into(),
+                "db-consistent".into(),
+            ),
+            (
+                "csi.storage.k8s.io/volumegroupsnapshot/namespace".into(),
+                "db".into(),
+            ),
+            (
+                "csi.storage.k8s.io/volumegroupsnapshotcontent/name".into(),
+                "groupsnapcontent-x".into(),
+            ),
+        ]),
+        ..Default::default()
+    }
+}
+
+/// Every snapshot the driver lists.
+async fn all_snapshots(c: &Cluster) -> Vec<csi::Snapshot> {
+    c.ctl()
+        .list_snapshots(csi::ListSnapshotsRequest::default())
+        .await
+        .expect("list snapshots")
+        .into_inner()
+        .entries
+        .into_iter()
+        .filter_map(|e| e.snapshot)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_snapshot_across_two_nodes() {
+    let c = Cluster::new().await;
+    let mut ctl = c.ctl();
+    let mut group = GroupControllerClient::new(unix_channel(
+        &c.controller.as_ref().expect("controller").sock,
+    ));
+
+    // The plugin says it has a GroupController, and the controller socket serves it.
+    let caps = IdentityClient::new(unix_channel(
+        &c.controller.as_ref().expect("controller").sock,
+    ))
+    .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+    .await
+    .expect("caps")
+    .into_inner()
+    .capabilities;
+    let group_service = csi::PluginCapability {
+        r#type: Some(csi::plugin_capability::Type::Service(
+            csi::plugin_capability::Service {
+                r#type: csi::plugin_capability::service::Type::GroupControllerService as i32,
+            },
+        )),
+    };
+    assert!(caps.contains(&group_service), "{caps:?}");
+    let gcaps = group
+        .group_controller_get_capabilities(csi::GroupControllerGetCapabilitiesRequest {})
+        .await
+        .expect("group caps")
+        .into_inner()
+        .capabilities;
+    assert_eq!(gcaps.len(), 1);
+
+    // A database: data on node-a, WAL on node-b.
+    let data = ctl
+        .create_volume(provisioner_request(
+            "pvc-data",
+            16 * MIB,
+            "node-a",
+            &["node-a"],
+        ))
+        .await
+        .expect("data")
+        .into_inner()
+        .volume
+        .expect("v");
+    let wal = ctl
+        .create_volume(provisioner_request(
+            "pvc-wal",
+            16 * MIB,
+            "node-b",
+            &["node-b"],
+        ))
+        .await
+        .expect("wal")
+        .into_inner()
+        .volume
+        .expect("v");
+    assert!(data.volume_id.starts_with("node-a/") && wal.volume_id.starts_with("node-b/"));
+    write_volume(&c.folder(&data.volume_id), 0, &[1u8; 4096]);
+    write_volume(&c.folder(&wal.volume_id), 4096, &[2u8; 4096]);
+    let solo = ctl
+        .create_snapshot(snapshotter_request("snapshot-solo", &data.volume_id))
+        .await
+        .expect("solo")
+        .into_inner()
+        .snapshot
+        .expect("s");
+
+    let name = "groupsnapshot-6f1c2d3e-0000-4000-8000-000000000001";
+    let req = group_request(name, &[&data.volume_id, &wal.volume_id]);
+    let resp = group
+        .create_volume_group_snapshot(req.clone())
+        .await
+        .expect("group");
+    let window: u64 = resp
+        .metadata()
+        .get("snapblk-freeze-window-us")
+        .expect("window header")
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("number");
+    assert!(window > 0);
+    let g = resp.into_inner().group_snapshot.expect("group");
+    assert!(
+        g.group_snapshot_id.starts_with("group:"),
+        "{}",
+        g.group_snapshot_id
+    );
+    assert!(g.group_snapshot_id.len() <= 128);
+    assert!(g.ready_to_use);
+    assert!(g.creation_time.is_some());
+    assert_eq!(g.snapshots.len(), 2);
+    let mut sources: Vec<&str> = g
+        .snapshots
+        .iter()
+        .map(|s| s.source_volume_id.as_str())
+        .collect();
+    sources.sort();
+    assert_eq!(
+        sources,
+        vec![data.volume_id.as_str(), wal.volume_id.as_str()]
+    );
+    for s in &g.snapshots {
+        assert_eq!(s.group_snapshot_id, g.group_snapshot_id);
+        assert!(s.ready_to_use);
+    }
+    let member_ids: Vec<String> = g.snapshots.iter().map(|s| s.snapshot_id.clone()).collect();
+
+    // Writes after the group do not reach its members; each member restores on its node.
+    write_volume(&c.folder(&data.volume_id), 0, &[9u8; 4096]);
+    for s in &g.snapshots {
+        let node = s.source_volume_id.split('/').next().expect("node");
+        let v = ctl
+            .create_volume(restore_request(
+                &format!("pvc-restore-{node}"),
+                16 * MIB,
+                &s.snapshot_id,
+                node,
+            ))
+            .await
+            .expect("restore")
+            .into_inner()
+            .volume
+            .expect("v");
+        assert!(v.volume_id.starts_with(&format!("{node}/")));
+        let (off, byte) = if node == "node-a" {
+            (0, 1u8)
+        } else {
+            (4096, 2u8)
+        };
+        assert_eq!(
+            read_volume(&c.folder(&v.volume_id), off, 4096),
+            vec![byte; 4096]
+        );
+        ctl.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: v.volume_id,
+            ..Default::default()
+        })
+        .await
+        .expect("delete restore");
+    }
+
+    // Idempotent by name: the snapshotter retries, in any order of the volumes.
+    let again = group
+        .create_volume_group_snapshot(group_request(name, &[&wal.volume_id, &data.volume_id]))
+        .await
+        .expect("retry")
+        .into_inner()
+        .group_snapshot
+        .expect("group");
+    assert_eq!(again, g);
+    assert_eq!(
+        code(
+            group
+                .create_volume_group_snapshot(group_request(name, &[&data.volume_id]))
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    // Members are listed with their group; the name pattern is kept for members.
+    let listed = all_snapshots(&c).await;
+    assert_eq!(listed.len(), 3);
+    assert_eq!(
+        listed
+            .iter()
+            .filter(|s| s.group_snapshot_id == g.group_snapshot_id)
+            .count(),
+        2
+    );
+    let member_name = format!("vgs-{}-0123456789abcdef", &g.group_snapshot_id[6..]);
+    assert_eq!(
+        code(
+            ctl.create_snapshot(snapshotter_request(&member_name, &data.volume_id))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+
+    // Get: by ID with the members the CO knows; a list that does not match is refused.
+    let get = |ids: Vec<String>, gid: &str| csi::GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: gid.into(),
+        snapshot_ids: ids,
+        ..Default::default()
+    };
+    let got = group
+        .get_volume_group_snapshot(get(member_ids.clone(), &g.group_snapshot_id))
+        .await
+        .expect("get")
+        .into_inner()
+        .group_snapshot
+        .expect("group");
+    assert_eq!(got, g);
+    assert_eq!(
+        code(
+            group
+                .get_volume_group_snapshot(get(
+                    vec![member_ids[0].clone(), solo.snapshot_id.clone()],
+                    &g.group_snapshot_id
+                ))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            group
+                .get_volume_group_snapshot(get(vec![member_ids[0].clone()], &g.group_snapshot_id))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            group
+                .get_volume_group_snapshot(get(vec!["not-an-id".into()], &g.group_snapshot_id))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            group
+                .get_volume_group_snapshot(get(vec![], "group:0123"))
+                .await
+        ),
+        Code::NotFound
+    );
+    let other = format!("group:{}", "0".repeat(32));
+    assert_eq!(
+        code(group.get_volume_group_snapshot(get(vec![], &other)).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(group.get_volume_group_snapshot(get(vec![], "")).await),
+        Code::InvalidArgument
+    );
+
+    // Delete: a mismatched list is refused and deletes nothing; then the group goes, and
+    // deleting it again (or an ID this driver did not make) is a success.
+    let del = |ids: Vec<String>, gid: &str| csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: gid.into(),
+        snapshot_ids: ids,
+        ..Default::default()
+    };
+    assert_eq!(
+        code(
+            group
+                .delete_volume_group_snapshot(del(
+                    vec![solo.snapshot_id.clone()],
+                    &g.group_snapshot_id
+                ))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(all_snapshots(&c).await.len(), 3);
+    group
+        .delete_volume_group_snapshot(del(member_ids.clone(), &g.group_snapshot_id))
+        .await
+        .expect("delete");
+    group
+        .delete_volume_group_snapshot(del(member_ids.clone(), &g.group_snapshot_id))
+        .await
+        .expect("delete again");
+    group
+        .delete_volume_group_snapshot(del(vec![], "some-other-id"))
+        .await
+        .expect("foreign id");
+    let left = all_snapshots(&c).await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].snapshot_id, solo.snapshot_id);
+    assert_eq!(
+        code(
+            group
+                .get_volume_group_snapshot(get(member_ids.clone(), &g.group_snapshot_id))
+                .await
+        ),
+        Code::NotFound
+    );
+
+    // Refusals before anything is frozen.
+    let bad = |f: &dyn Fn(&mut csi::CreateVolumeGroupSnapshotRequest)| {
+        let mut r = group_request("groupsnapshot-bad", &[&data.volume_id, &wal.volume_id]);
+        f(&mut r);
+        r
+    };
+    for (r, want) in [
+        (bad(&|r| r.name.clear()), Code::InvalidArgument),
+        (bad(&|r| r.source_volume_ids.clear()), Code::InvalidArgument),
+        (
+            bad(&|r| {
+                r.parameters.insert("freezeTimeout".into(), "1h".into());
+            }),
+            Code::InvalidArgument,
+        ),
+        (
+            bad(&|r| {
+                r.parameters.insert("freeze".into(), "none".into());
+            }),
+            Code::InvalidArgument,
+        ),
+        (
+            bad(&|r| r.source_volume_ids[1] = r.source_volume_ids[0].clone()),
+            Code::InvalidArgument,
+        ),
+        (
+            bad(&|r| r.source_volume_ids[1] = "no-such-volume".into()),
+            Code::NotFound,
+        ),
+    ] {
+        assert_eq!(code(group.create_volume_group_snapshot(r).await), want);
+    }
+
+    // Failures mid-way leave no snapshot behind: a member that does not exist (its node
+    // refuses to freeze it, after node-a froze its own)...
+    assert_eq!(
+        code(
+            group
+                .create_volume_group_snapshot(group_request(
+                    "groupsnapshot-missing",
+                    &[&data.volume_id, "node-b/00000000deadbeef"]
+                ))
+                .await
+        ),
+        Code::NotFound
+    );
+    // ... a window that cannot fit in its deadline ...
+    let mut tight = group_request("groupsnapshot-tight", &[&data.volume_id, &wal.volume_id]);
+    tight
+        .parameters
+        .insert("freezeTimeout".into(), "1ms".into());
+    assert_eq!(
+        code(group.create_volume_group_snapshot(tight).await),
+        Code::DeadlineExceeded
+    );
+    assert_eq!(all_snapshots(&c).await.len(), 1);
+    // ... and a node that does not answer (not registered, or silent past its timeout).
+    assert_eq!(
+        code(
+            group
+                .create_volume_group_snapshot(group_request(
+                    "groupsnapshot-node-down",
+                    &[&data.volume_id, "node-c/0123456789abcdef"]
+                ))
+                .await
+        ),
+        Code::Unavailable
+    );
+    let left = ctl
+        .list_snapshots(csi::ListSnapshotsRequest {
+            source_volume_id: data.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("list node-a")
+        .into_inner()
+        .entries;
+    assert_eq!(left.len(), 1, "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_agent_freeze_and_thaw() {
+    let c = Cluster::new().await;
+    let vol = c
+        .ctl()
+        .create_volume(provisioner_request(
+            "pvc-f",
+            16 * MIB,
+            "node-a",
+            &["node-a"],
+        ))
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("v");
+    let key = vol.volume_id.split_once('/').expect("id").1.to_string();
+    let ch = Channel::from_shared(c.nodes["node-a"].agent_addr.clone())
+        .expect("uri")
+        .connect_lazy();
+    let mut agent = NodeAgentClient::with_interceptor(ch, c.token.bearer());
+    let freeze = |volume_key: &str, timeout_ms| pb::FreezeVolumeRequest {
+        volume_key: volume_key.into(),
+        timeout_ms,
+        reason: "test".into(),
+    };
+    // Not staged: nothing to freeze, no handle.
+    let f = agent
+        .freeze_volume(freeze(&key, 1000))
+        .await
+        .expect("freeze")
+        .into_inner();
+    assert!(f.handle.is_empty() && !f.staged && f.frozen_mounts.is_empty());
+    assert_eq!(
+        code(agent.freeze_volume(freeze(&key, 0)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(agent.freeze_volume(freeze(&key, 301_000)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(agent.freeze_volume(freeze("00000000deadbeef", 1000)).await),
+        Code::NotFound
+    );
+    // A handle the agent does not hold (its deadline passed, or it restarted) expired.
+    let t = agent
+        .thaw_volume(pb::ThawVolumeRequest {
+            handle: "0011223344556677".into(),
+        })
+        .await
+        .expect("thaw")
+        .into_inner();
+    assert!(t.expired);
+    assert_eq!(
+        code(agent.thaw_volume(pb::ThawVolumeRequest::default()).await),
+        Code::InvalidArgument
+    );
 }

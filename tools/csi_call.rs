@@ -10,9 +10,9 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use snapblk::csi::proto::csi::{
-    self, controller_client::ControllerClient, identity_client::IdentityClient,
-    node_client::NodeClient, snapshot_metadata_client::SnapshotMetadataClient, volume_capability,
-    volume_content_source,
+    self, controller_client::ControllerClient, group_controller_client::GroupControllerClient,
+    identity_client::IdentityClient, node_client::NodeClient,
+    snapshot_metadata_client::SnapshotMetadataClient, volume_capability, volume_content_source,
 };
 use snapblk::csi::transport::{socket_path, unix_channel};
 
@@ -79,6 +79,32 @@ enum Call {
     DeleteSnapshot {
         #[arg(long)]
         snapshot: String,
+    },
+    /// The external-snapshotter's CreateVolumeGroupSnapshot. Prints the group, then each
+    /// member (snapshot_id, source_volume_id, ...) and the freeze window the driver
+    /// reports (freeze_window_us, frozen_max_us).
+    CreateGroupSnapshot {
+        #[arg(long)]
+        name: String,
+        /// A member volume (repeatable).
+        #[arg(long = "volume", required = true)]
+        volumes: Vec<String>,
+        /// VolumeGroupSnapshotClass parameter KEY=VALUE (repeatable).
+        #[arg(long = "param")]
+        params: Vec<String>,
+    },
+    GetGroupSnapshot {
+        #[arg(long)]
+        group: String,
+        /// A member snapshot the CO knows (repeatable).
+        #[arg(long = "snapshot")]
+        snapshots: Vec<String>,
+    },
+    DeleteGroupSnapshot {
+        #[arg(long)]
+        group: String,
+        #[arg(long = "snapshot")]
+        snapshots: Vec<String>,
     },
     ListSnapshots {
         #[arg(long, default_value = "")]
@@ -239,6 +265,18 @@ fn print_snapshot(s: &csi::Snapshot) {
     println!("source_volume_id={}", s.source_volume_id);
     println!("size_bytes={}", s.size_bytes);
     println!("ready_to_use={}", s.ready_to_use);
+    if !s.group_snapshot_id.is_empty() {
+        println!("group_snapshot_id={}", s.group_snapshot_id);
+    }
+}
+
+fn print_group(g: &csi::VolumeGroupSnapshot) {
+    println!("group_snapshot_id={}", g.group_snapshot_id);
+    println!("group_ready_to_use={}", g.ready_to_use);
+    println!("members={}", g.snapshots.len());
+    for s in &g.snapshots {
+        print_snapshot(s);
+    }
 }
 
 async fn call(endpoint: &str, c: Call) -> Result<(), tonic::Status> {
@@ -246,6 +284,7 @@ async fn call(endpoint: &str, c: Call) -> Result<(), tonic::Status> {
     let ch = unix_channel(&sock);
     let mut id = IdentityClient::new(ch.clone());
     let mut ctl = ControllerClient::new(ch.clone());
+    let mut group = GroupControllerClient::new(ch.clone());
     let mut node = NodeClient::new(ch.clone());
     let mut meta = SnapshotMetadataClient::new(ch);
     let bad = |e: String| tonic::Status::invalid_argument(e);
@@ -333,6 +372,59 @@ async fn call(endpoint: &str, c: Call) -> Result<(), tonic::Status> {
                 ..Default::default()
             })
             .await?;
+        }
+        Call::CreateGroupSnapshot {
+            name,
+            volumes,
+            params: p,
+        } => {
+            let r = group
+                .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+                    name,
+                    source_volume_ids: volumes,
+                    parameters: params(&p).map_err(bad)?,
+                    ..Default::default()
+                })
+                .await?;
+            for key in ["snapblk-freeze-window-us", "snapblk-frozen-max-us"] {
+                if let Some(v) = r.metadata().get(key).and_then(|v| v.to_str().ok()) {
+                    println!(
+                        "{}={v}",
+                        key.trim_start_matches("snapblk-").replace('-', "_")
+                    );
+                }
+            }
+            if let Some(g) = r.into_inner().group_snapshot {
+                print_group(&g);
+            }
+        }
+        Call::GetGroupSnapshot {
+            group: id,
+            snapshots,
+        } => {
+            let r = group
+                .get_volume_group_snapshot(csi::GetVolumeGroupSnapshotRequest {
+                    group_snapshot_id: id,
+                    snapshot_ids: snapshots,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            if let Some(g) = r.group_snapshot {
+                print_group(&g);
+            }
+        }
+        Call::DeleteGroupSnapshot {
+            group: id,
+            snapshots,
+        } => {
+            group
+                .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+                    group_snapshot_id: id,
+                    snapshot_ids: snapshots,
+                    ..Default::default()
+                })
+                .await?;
         }
         Call::ListSnapshots { snapshot, volume } => {
             let r = ctl

@@ -172,6 +172,48 @@ impl pb::node_agent_server::NodeAgent for Agent {
         .await
     }
 
+    #[tracing::instrument(skip_all, err, fields(volume = %req.get_ref().volume_key, reason = %req.get_ref().reason))]
+    async fn freeze_volume(
+        &self,
+        req: Request<pb::FreezeVolumeRequest>,
+    ) -> Result<Response<pb::FreezeVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let max = crate::ctl::protocol::MAX_FREEZE_TIMEOUT;
+        let timeout = Duration::from_millis(r.timeout_ms);
+        if timeout.is_zero() || timeout > max {
+            return Err(Status::invalid_argument(format!(
+                "timeout_ms {} is out of range: 1 ms to {} s",
+                r.timeout_ms,
+                max.as_secs()
+            )));
+        }
+        let (key, reason) = (r.volume_key, r.reason);
+        let answer = self.run(move |s| s.freeze(&key, timeout, &reason)).await?;
+        let handle = answer.get_ref().handle.clone();
+        if !handle.is_empty() {
+            // The window is bounded here too: at the deadline the connection to the
+            // daemon closes, which thaws, whether or not the controller is still there.
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                let _ = tokio::task::spawn_blocking(move || store.expire(&handle)).await;
+            });
+        }
+        Ok(answer)
+    }
+
+    #[tracing::instrument(skip_all, err)]
+    async fn thaw_volume(
+        &self,
+        req: Request<pb::ThawVolumeRequest>,
+    ) -> Result<Response<pb::ThawVolumeResponse>, Status> {
+        let r = req.into_inner();
+        if r.handle.is_empty() {
+            return Err(status::missing("handle"));
+        }
+        self.run(move |s| s.thaw(&r.handle)).await
+    }
+
     type GetAllocatedStream = ReceiverStream<Result<pb::BlockRanges, Status>>;
 
     #[tracing::instrument(skip_all, err, fields(volume = ?req.get_ref().snapshot.as_ref().map(|s| &s.volume_key)))]

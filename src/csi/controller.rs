@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tonic::{Code, Request, Response, Status};
 
-use super::ids::{token, SnapshotId, VolumeId};
+use super::ids::{token, GroupId, SnapshotId, VolumeId};
 use super::params::{self, Access, SnapshotParams, VolumeParams, DEFAULT_FS};
 use super::proto::csi::{self, controller_service_capability::rpc::Type as Cap};
 use super::proto::node as pb;
@@ -175,29 +175,6 @@ impl Controller {
         }
     }
 
-    fn snapshot_pb(&self, node: &str, s: &pb::Snapshot) -> csi::Snapshot {
-        let volume = VolumeId {
-            node: node.to_string(),
-            key: s.volume_key.clone(),
-        };
-        csi::Snapshot {
-            size_bytes: s.size_bytes as i64,
-            snapshot_id: SnapshotId {
-                volume: volume.clone(),
-                id: s.id,
-            }
-            .to_string(),
-            source_volume_id: volume.to_string(),
-            creation_time: Some(prost_types::Timestamp {
-                seconds: (s.created_unix_ms / 1000) as i64,
-                nanos: ((s.created_unix_ms % 1000) * 1_000_000) as i32,
-            }),
-            // A cut is complete when it returns: nothing is uploaded or copied later.
-            ready_to_use: true,
-            group_snapshot_id: String::new(),
-        }
-    }
-
     /// The snapshots that a ListSnapshots request selects, in ID order.
     async fn select_snapshots(
         &self,
@@ -248,11 +225,42 @@ impl Controller {
                 list.into_inner()
                     .snapshots
                     .iter()
-                    .map(|s| self.snapshot_pb(&node, s)),
+                    .map(|s| snapshot_pb(&node, s)),
             );
         }
         out.sort_by(|a, b| a.snapshot_id.cmp(&b.snapshot_id));
         Ok(out)
+    }
+}
+
+/// The CSI form of snapshot `s` of node `node`; a member of a group snapshot names its
+/// group.
+pub(crate) fn snapshot_pb(node: &str, s: &pb::Snapshot) -> csi::Snapshot {
+    let volume = VolumeId {
+        node: node.to_string(),
+        key: s.volume_key.clone(),
+    };
+    csi::Snapshot {
+        size_bytes: s.size_bytes as i64,
+        snapshot_id: SnapshotId {
+            volume: volume.clone(),
+            id: s.id,
+        }
+        .to_string(),
+        source_volume_id: volume.to_string(),
+        creation_time: Some(timestamp(s.created_unix_ms)),
+        // A cut is complete when it returns: nothing is uploaded or copied later.
+        ready_to_use: true,
+        group_snapshot_id: GroupId::of_member(&s.name)
+            .map(|g| g.to_string())
+            .unwrap_or_default(),
+    }
+}
+
+pub(crate) fn timestamp(unix_ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (unix_ms / 1000) as i64,
+        nanos: ((unix_ms % 1000) * 1_000_000) as i32,
     }
 }
 
@@ -263,7 +271,7 @@ pub fn topology_key(driver_name: &str) -> String {
 
 /// A node that did not answer a driver-wide check: the check goes on without it, so one
 /// node down does not stop the others (its names cannot be checked until it is back).
-fn skipped(node: &str, e: &Status, what: &str) {
+pub(crate) fn skipped(node: &str, e: &Status, what: &str) {
     tracing::warn!(node, code = ?e.code(), error = %e.message(), "{what}: node did not answer; checked without it");
 }
 
@@ -618,6 +626,12 @@ impl csi::controller_server::Controller for Controller {
         let r = req.into_inner();
         status::required(&r.name, "name")?;
         status::required(&r.source_volume_id, "source_volume_id")?;
+        if GroupId::of_member(&r.name).is_some() {
+            return Err(Status::invalid_argument(format!(
+                "snapshot name {:?}: names of the form vgs-<32 hex digits>-<key> are kept for the members of group snapshots",
+                r.name
+            )));
+        }
         let p = SnapshotParams::try_from(&r.parameters)?;
         let id = VolumeId::parse(&r.source_volume_id)
             .map_err(|e| Status::not_found(format!("source volume: {e}")))?;
@@ -664,7 +678,7 @@ impl csi::controller_server::Controller for Controller {
             })?;
         tracing::info!(snapshot = s.id, consistency = %s.consistency, freeze_us = s.freeze_us, frozen_us = s.frozen_us, "snapshot taken");
         Ok(Response::new(csi::CreateSnapshotResponse {
-            snapshot: Some(self.snapshot_pb(&id.node, &s)),
+            snapshot: Some(snapshot_pb(&id.node, &s)),
         }))
     }
 

@@ -50,6 +50,7 @@ impl csi::identity_server::Identity for Identity {
         Ok(Response::new(csi::GetPluginCapabilitiesResponse {
             capabilities: vec![
                 service(Type::ControllerService),
+                service(Type::GroupControllerService),
                 service(Type::VolumeAccessibilityConstraints),
                 service(Type::SnapshotMetadataService),
                 csi::PluginCapability {

@@ -92,6 +92,68 @@ impl fmt::Display for SnapshotId {
     }
 }
 
+/// A group snapshot: `group:<key>`, where `key` (32 hex digits) is a digest of the
+/// CreateVolumeGroupSnapshot name, so a retried call finds the same group with no state
+/// kept anywhere. The group's membership lives with its member snapshots: each is named
+/// `vgs-<key>-<volume key>` on its volume's node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GroupId {
+    pub key: String,
+}
+
+const GROUP_PREFIX: &str = "group:";
+const MEMBER_PREFIX: &str = "vgs-";
+const GROUP_KEY_LEN: usize = 32;
+
+impl GroupId {
+    /// The group a CreateVolumeGroupSnapshot name makes.
+    pub fn of_name(name: &str) -> GroupId {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(name.as_bytes());
+        let key: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        GroupId {
+            key: key[..GROUP_KEY_LEN].to_string(),
+        }
+    }
+
+    /// Parses `group:<key>`.
+    pub fn parse(s: &str) -> Result<GroupId, BadId> {
+        let key = s
+            .strip_prefix(GROUP_PREFIX)
+            .filter(|k| is_group_key(k))
+            .ok_or_else(|| BadId(s.to_string(), "group:<32 hex digits>"))?;
+        Ok(GroupId {
+            key: key.to_string(),
+        })
+    }
+
+    /// The snapshot name of this group's member of volume `volume_key`.
+    pub fn member_name(&self, volume_key: &str) -> String {
+        format!("{MEMBER_PREFIX}{}-{volume_key}", self.key)
+    }
+
+    /// The group a snapshot belongs to, from its (engine) name.
+    pub fn of_member(snapshot_name: &str) -> Option<GroupId> {
+        let rest = snapshot_name.strip_prefix(MEMBER_PREFIX)?;
+        let (key, volume) = rest.split_once('-')?;
+        (is_group_key(key) && is_plain_name(volume, MAX_KEY_LEN)).then(|| GroupId {
+            key: key.to_string(),
+        })
+    }
+}
+
+fn is_group_key(k: &str) -> bool {
+    k.len() == GROUP_KEY_LEN
+        && k.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl fmt::Display for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{GROUP_PREFIX}{}", self.key)
+    }
+}
+
 /// A list call's position: entries are listed in ID order and a token names the last ID of
 /// the previous page, so pages stay correct while entries come and go, and the controller
 /// keeps no cursor.
@@ -174,6 +236,36 @@ mod tests {
             id: u64::MAX,
         };
         assert!(s.to_string().len() <= MAX_ID_LEN, "{}", s.to_string().len());
+    }
+
+    #[test]
+    fn group_ids_round_trip_and_name_their_members() {
+        let g = GroupId::of_name("groupsnapshot-0b8d3f6e-8a6e-4d55-9d7e-1f0c2b3a4d5e");
+        assert_eq!(
+            g,
+            GroupId::of_name("groupsnapshot-0b8d3f6e-8a6e-4d55-9d7e-1f0c2b3a4d5e")
+        );
+        assert_ne!(g, GroupId::of_name("groupsnapshot-other"));
+        let id = g.to_string();
+        assert!(id.len() <= MAX_ID_LEN);
+        assert_eq!(GroupId::parse(&id).expect("parse"), g);
+        // Not a volume ID either, so one cannot be mistaken for the other.
+        assert!(VolumeId::parse(&id).is_err());
+        let m = g.member_name("0123abcd0123abcd");
+        assert!(crate::engine::validate_snapshot_name(&m).is_ok(), "{m}");
+        assert_eq!(GroupId::of_member(&m), Some(g.clone()));
+        for bad in [
+            "",
+            "group:",
+            "group:xyz",
+            "node-a/k",
+            &format!("group:{}0", g.key),
+        ] {
+            assert!(GroupId::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        for not_member in ["snapshot-1", "vgs-", "vgs-abc-k", &format!("vgs-{}", g.key)] {
+            assert_eq!(GroupId::of_member(not_member), None, "{not_member:?}");
+        }
     }
 
     #[test]

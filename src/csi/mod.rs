@@ -6,7 +6,8 @@
 //! a served volume's daemon, the engine for a volume nobody serves). The controller keeps
 //! no state: IDs name their node, and the nodes announce themselves by heartbeat.
 //!
-//! One file per gRPC service (`identity`, `controller`, `node`, `snapshot_metadata`, and
+//! One file per gRPC service (`identity`, `controller`, `group_controller`, `node`,
+//! `snapshot_metadata`, and
 //! `agent`: the node's side of the controller-to-node contract in
 //! `proto/snapblk_node.proto`).
 
@@ -14,6 +15,7 @@ pub mod agent;
 pub mod auth;
 pub mod controller;
 pub mod daemon;
+pub mod group_controller;
 pub mod identity;
 pub mod ids;
 pub mod mounts;

@@ -137,6 +137,48 @@ impl TryFrom<&HashMap<String, String>> for SnapshotParams {
     }
 }
 
+/// VolumeGroupSnapshotClass parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupSnapshotParams {
+    /// `freezeTimeout`: the one deadline of the whole window, from the first freeze to
+    /// the last cut (default 10 s, at most 300 s).
+    pub freeze_timeout: Duration,
+}
+
+/// The group window's deadline when the class names none.
+pub const DEFAULT_GROUP_FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl TryFrom<&HashMap<String, String>> for GroupSnapshotParams {
+    type Error = Status;
+
+    fn try_from(p: &HashMap<String, String>) -> Result<Self, Status> {
+        let mut out = GroupSnapshotParams {
+            freeze_timeout: DEFAULT_GROUP_FREEZE_TIMEOUT,
+        };
+        for (k, v) in p {
+            match k.as_str() {
+                "freezeTimeout" => {
+                    out.freeze_timeout = parse_duration(v)
+                        .filter(|d| !d.is_zero() && *d <= MAX_FREEZE_TIMEOUT)
+                        .ok_or_else(|| {
+                            Status::invalid_argument(format!(
+                                "VolumeGroupSnapshotClass parameter freezeTimeout={v:?}: use a duration such as 500ms, 10s or 2m, at most {}s",
+                                MAX_FREEZE_TIMEOUT.as_secs()
+                            ))
+                        })?;
+                }
+                _ if k.starts_with(RESERVED_PREFIX) => {}
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown VolumeGroupSnapshotClass parameter {k:?}: snapblk knows freezeTimeout (see docs/csi.md)"
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// `500ms`, `10s`, `2m`.
 fn parse_duration(s: &str) -> Option<Duration> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
@@ -346,6 +388,27 @@ mod tests {
             ("consistency", "app"),
         ] {
             assert!(SnapshotParams::try_from(&map(&[bad])).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn group_snapshot_class_parameters() {
+        let p = GroupSnapshotParams::try_from(&map(&[("freezeTimeout", "3s")])).expect("valid");
+        assert_eq!(p.freeze_timeout, Duration::from_secs(3));
+        let d = GroupSnapshotParams::try_from(&map(&[(
+            "csi.storage.k8s.io/group-snapshotter-secret-name",
+            "x",
+        )]))
+        .expect("defaults");
+        assert_eq!(d.freeze_timeout, DEFAULT_GROUP_FREEZE_TIMEOUT);
+        for bad in [
+            ("freezeTimeout", "0ms"),
+            ("freezeTimeout", "6m"),
+            ("freeze", "none"),
+        ] {
+            let e = GroupSnapshotParams::try_from(&map(&[bad])).expect_err("refused");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().contains(bad.0), "{}", e.message());
         }
     }
 

@@ -14,11 +14,13 @@ use super::agent::Agent;
 use super::auth::Token;
 use super::controller::Controller;
 use super::daemon::{Daemons, Layout};
+use super::group_controller::GroupController;
 use super::identity::{Identity, Role};
 use super::node::Node;
 use super::oplock::OpLocks;
 use super::proto::csi::{
-    controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
+    controller_server::ControllerServer, group_controller_server::GroupControllerServer,
+    identity_server::IdentityServer, node_server::NodeServer,
     snapshot_metadata_server::SnapshotMetadataServer,
 };
 use super::proto::node::{node_agent_server::NodeAgentServer, registry_server::RegistryServer};
@@ -125,8 +127,13 @@ pub async fn serve_csi(
     let incoming = transport::bind_unix(socket)
         .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     tracing::info!(socket = %socket.display(), driver = %identity.driver_name, role = ?identity.role, "CSI endpoint listening");
+    // The GroupController goes wherever the Controller goes: same nodes, same registry.
+    let group = controller
+        .as_ref()
+        .map(|c| GroupController::new(c.registry.clone()));
     let result = Server::builder()
         .add_service(IdentityServer::new(identity))
+        .add_optional_service(group.map(GroupControllerServer::new))
         .add_optional_service(controller.map(ControllerServer::new))
         .add_optional_service(snapshot_metadata.map(SnapshotMetadataServer::new))
         .add_optional_service(node.map(NodeServer::new))

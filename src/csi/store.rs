@@ -7,10 +7,12 @@
 //! snapshots, restores and clones work whether or not the volume is staged right now.
 //! Listing reads only manifests, which needs neither.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -76,6 +78,17 @@ pub struct Store {
     /// Creations of volumes and snapshots, one at a time: names are checked across all
     /// volumes of the node before anything is made.
     naming: Mutex<()>,
+    /// Freezes held for the controller (group snapshots), by handle.
+    freezes: Mutex<HashMap<String, Held>>,
+}
+
+/// A freeze held for the controller: the daemon thaws when this connection closes.
+struct Held {
+    key: String,
+    client: Client,
+    mounts: Vec<String>,
+    frozen_at: Instant,
+    deadline: Instant,
 }
 
 /// The engine's snapshot name for a CO's snapshot name: the same when it is a valid
@@ -110,6 +123,7 @@ impl Store {
             daemons,
             ops,
             naming: Mutex::new(()),
+            freezes: Mutex::default(),
         })
     }
 
@@ -492,6 +506,117 @@ impl Store {
         Ok(snapshot_pb(&e.key, &req.name, s, &cut))
     }
 
+    /// Freezes the file system of volume `key` for at most `timeout`, holding the
+    /// daemon's control connection until [`Store::thaw`] or [`Store::expire`]. Nothing to
+    /// freeze (not staged, or staged for block access): no handle.
+    pub fn freeze(
+        &self,
+        key: &str,
+        timeout: Duration,
+        reason: &str,
+    ) -> Result<pb::FreezeVolumeResponse, Status> {
+        self.live(key)?;
+        let Some(s) = self.daemons.get(key) else {
+            tracing::info!(volume = %key, reason, "not staged: nothing to freeze, its cut is crash-consistent (nothing writes to it)");
+            return Ok(pb::FreezeVolumeResponse::default());
+        };
+        if s.block {
+            tracing::info!(volume = %key, reason, "staged for block access: no file system to freeze, its cut is crash-consistent");
+            return Ok(pb::FreezeVolumeResponse {
+                staged: true,
+                ..Default::default()
+            });
+        }
+        let ctx = format!("freezing volume {key}");
+        let mut client = Client::connect(&s.socket).map_err(|e| status::ctl(&ctx, e))?;
+        let t0 = Instant::now();
+        let r = client.call(CtlCommand::Freeze(ctlp::FreezeArgs {
+            mount: None,
+            timeout_ms: Some(timeout.as_millis().max(1) as u64),
+        }));
+        let frozen_at = Instant::now();
+        let reply = match r {
+            Ok(v) => v,
+            // Staged, but its file system is not mounted (any more): nothing to freeze.
+            Err(e) if e.code == ctlp::ErrorCode::NotFound => {
+                tracing::info!(volume = %key, reason, why = %e.message, "no mounted file system to freeze: its cut is crash-consistent");
+                return Ok(pb::FreezeVolumeResponse {
+                    staged: true,
+                    ..Default::default()
+                });
+            }
+            Err(e) => return Err(status::ctl(&ctx, e)),
+        };
+        let mounts: Vec<String> = reply
+            .get("frozen")
+            .and_then(|m| m.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let handle = hex(&random_bytes());
+        let freeze_us = (frozen_at - t0).as_micros() as u64;
+        tracing::info!(volume = %key, reason, handle, mounts = ?mounts, freeze_us, timeout_ms = timeout.as_millis() as u64, "froze the file system; held until thawed or the deadline");
+        self.freezes.lock().insert(
+            handle.clone(),
+            Held {
+                key: key.to_string(),
+                client,
+                mounts: mounts.clone(),
+                frozen_at,
+                deadline: t0 + timeout,
+            },
+        );
+        Ok(pb::FreezeVolumeResponse {
+            handle,
+            frozen_mounts: mounts,
+            freeze_us,
+            staged: true,
+        })
+    }
+
+    /// Thaws the freeze `handle` made. A handle no longer held had expired.
+    pub fn thaw(&self, handle: &str) -> Result<pb::ThawVolumeResponse, Status> {
+        let Some(mut h) = self.freezes.lock().remove(handle) else {
+            return Ok(pb::ThawVolumeResponse {
+                expired: true,
+                ..Default::default()
+            });
+        };
+        let expired = Instant::now() >= h.deadline;
+        let r = h.client.call(CtlCommand::Thaw(ctlp::FreezeArgs::default()));
+        let frozen_us = h.frozen_at.elapsed().as_micros() as u64;
+        // Closing the connection thaws too, whatever the reply.
+        drop(h.client);
+        let reply = r.map_err(|e| status::ctl(&format!("thawing volume {}", h.key), e))?;
+        let thawed: Vec<String> = reply
+            .get("thawed")
+            .and_then(|m| m.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        tracing::info!(volume = %h.key, handle, frozen_us, expired, "thawed the file system");
+        Ok(pb::ThawVolumeResponse {
+            thawed_mounts: if thawed.is_empty() { h.mounts } else { thawed },
+            frozen_us,
+            expired,
+        })
+    }
+
+    /// Ends freeze `handle` at its deadline if it is still held: closing the daemon's
+    /// connection makes the daemon thaw.
+    pub fn expire(&self, handle: &str) {
+        let held = self.freezes.lock().remove(handle);
+        if let Some(h) = held {
+            tracing::warn!(volume = %h.key, handle, frozen_ms = h.frozen_at.elapsed().as_millis() as u64, "a freeze reached its deadline without a thaw: released (the daemon thaws)");
+        }
+    }
+
     /// Cuts snapshot `name` of volume `key`.
     fn cut(
         &self,
@@ -512,10 +637,15 @@ impl Store {
                 }),
                 &ctx,
             )?;
+            // A cut inside a freeze held for a group snapshot freezes nothing itself,
+            // and the daemon says the cut was application-consistent.
             let frozen = r
                 .get("frozen_mounts")
                 .and_then(|m| m.as_array())
-                .is_some_and(|m| !m.is_empty());
+                .is_some_and(|m| !m.is_empty())
+                || r.get("consistency")
+                    .and_then(|c| c.as_str())
+                    .is_some_and(|c| c.starts_with("application"));
             let us = |field: &str| {
                 r.get(field)
                     .and_then(|v| v.as_f64())
