@@ -724,3 +724,44 @@ fn empty_requests_at_the_end_of_the_largest_volume_touch_nothing() {
     v.flush().expect("flush");
     v.close().expect("close");
 }
+
+/// A volume holds a tenant's data: its folders are 0700 and its files 0600 whatever the
+/// umask, and a folder another user could write is refused (a planted manifest or journal
+/// would be trusted).
+#[test]
+fn volume_files_are_private_and_shared_folders_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = scratch();
+    let dir = tmp.path().join("v");
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o002) };
+    let v = create(&dir, 1 << 20);
+    v.write(0, &block_data(1, 4096), false).expect("write");
+    v.create_snapshot("s1").expect("snapshot");
+    v.flush().expect("flush");
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("layers")), 0o700);
+    for e in fs::read_dir(dir.join("layers"))
+        .expect("layers")
+        .chain(fs::read_dir(&dir).expect("dir"))
+    {
+        let p = e.expect("entry").path();
+        if p.is_file() {
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+    }
+    v.close().expect("close");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).expect("chmod");
+    match Volume::open(&dir) {
+        Ok(_) => panic!("a folder others can write was opened"),
+        Err(e) => assert!(e.to_string().contains("chmod 700"), "{e}"),
+    }
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+    Volume::open(&dir)
+        .expect("private again")
+        .close()
+        .expect("close");
+}

@@ -3,6 +3,7 @@
 //! the references; a merge never writes a layer file that has more than one link.
 
 use std::fs;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::error::{EngineError, Result};
@@ -34,7 +35,7 @@ impl Volume {
             fs::remove_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
         }
         let tmp_layers = tmp.join(layer::LAYERS_DIR);
-        fs::create_dir_all(&tmp_layers).map_err(|e| EngineError::io(&tmp_layers, e))?;
+        fsutil::create_private_dir_all(&tmp_layers)?;
 
         let result = self.fill_clone(snapshot, &tmp);
         if let Err(e) = result {
@@ -132,6 +133,7 @@ impl Volume {
                 let out = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
+                    .mode(fsutil::PRIVATE_FILE)
                     .open(&dst)
                     .map_err(|e| EngineError::io(&dst, e))?;
                 out.set_len(l.data_len()?)

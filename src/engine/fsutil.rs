@@ -10,6 +10,47 @@ use std::path::Path;
 use super::aligned::AlignedBuf;
 use super::error::{EngineError, Result};
 use super::faults::crash_point;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
+/// Mode of every file of a volume: it holds a tenant's data, for its owner only.
+pub(crate) const PRIVATE_FILE: u32 = 0o600;
+/// Mode of a volume's folders.
+pub(crate) const PRIVATE_DIR: u32 = 0o700;
+
+/// Creates `dir` and any missing parents, mode 0700.
+pub(crate) fn create_private_dir_all(dir: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR)
+        .create(dir)
+        .map_err(|e| EngineError::io(dir, e))
+}
+
+/// Refuses a volume folder that another user could change: owned by someone else, or
+/// writable by its group or by others. A volume holds a tenant's data, and a manifest or
+/// journal planted by another user would be trusted.
+pub(crate) fn check_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::metadata(dir).map_err(|e| EngineError::io(dir, e))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if md.uid() != me {
+        return Err(EngineError::Invalid(format!(
+            "{} belongs to uid {}, not to this process (uid {me}): a volume folder must be its owner's alone",
+            dir.display(),
+            md.uid()
+        )));
+    }
+    if md.mode() & 0o022 != 0 {
+        return Err(EngineError::Invalid(format!(
+            "{} can be written by other users (mode {:o}): a volume holds a tenant's data; run `chmod 700 {}`",
+            dir.display(),
+            md.mode() & 0o7777,
+            dir.display()
+        )));
+    }
+    Ok(())
+}
 
 /// Makes the directory entry changes in `dir` (create, rename, unlink) durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
@@ -30,6 +71,7 @@ pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         .write(true)
         .create(true)
         .truncate(true)
+        .mode(PRIVATE_FILE)
         .open(&tmp)
         .map_err(|e| EngineError::io(&tmp, e))?;
     f.write_all(bytes).map_err(|e| EngineError::io(&tmp, e))?;
@@ -201,6 +243,7 @@ pub(crate) fn link_or_copy(src: &Path, dst: &Path) -> Result<bool> {
             let d = OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(PRIVATE_FILE)
                 .open(dst)
                 .map_err(|e| EngineError::io(dst, e))?;
             d.set_len(len).map_err(|e| EngineError::io(dst, e))?;

@@ -95,7 +95,7 @@ fn open_data(path: &Path, direct: bool, create_size: Option<u64>) -> Result<File
     let mut opts = OpenOptions::new();
     opts.read(true).write(true);
     if create_size.is_some() {
-        opts.create_new(true);
+        opts.create_new(true).mode(super::fsutil::PRIVATE_FILE);
     }
     if direct {
         let mut d = opts.clone();

@@ -15,7 +15,7 @@
 //!   (two bitmaps: present, zeroed), 3 Seal (empty payload).
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use roaring::RoaringBitmap;
@@ -67,6 +67,7 @@ impl MapLog {
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(fsutil::PRIVATE_FILE)
             .open(path)
             .map_err(|e| EngineError::io(path, e))?;
         file.write_all_at(&header(layer_id), 0)

@@ -3,6 +3,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -156,6 +157,7 @@ pub(crate) fn lock_volume(dir: &Path) -> Result<File> {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(fsutil::PRIVATE_FILE)
         .open(&path)
         .map_err(|e| EngineError::io(&path, e))?;
     // SAFETY: flock on a valid open descriptor.
@@ -183,14 +185,16 @@ impl Volume {
                         path: dir.to_path_buf(),
                     });
                 }
+                fs::set_permissions(dir, fs::Permissions::from_mode(fsutil::PRIVATE_DIR))
+                    .map_err(|e| EngineError::io(dir, e))?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+                fsutil::create_private_dir_all(dir)?;
             }
             Err(e) => return Err(EngineError::io(dir, e)),
         }
         let layers_dir = dir.join(layer::LAYERS_DIR);
-        fs::create_dir(&layers_dir).map_err(|e| EngineError::io(&layers_dir, e))?;
+        fsutil::create_private_dir_all(&layers_dir)?;
         let manifest = Manifest {
             format: FORMAT,
             volume_id: random_id(),
@@ -232,6 +236,7 @@ impl Volume {
                 file: super::manifest::FILE,
             });
         }
+        fsutil::check_private_dir(dir)?;
         let lock = lock_volume(dir)?;
         let manifest = Manifest::load(dir)?;
         remove_leftovers(dir, &manifest)?;
