@@ -225,14 +225,17 @@ impl Volume {
         m.next_layer_id = m.next_layer_id.max(meta.next_layer_id);
         m.store(&self.inner.dir)?;
         meta.manifest = m;
-        let mut stack = self.inner.stack.write();
-        let mut v = stack.to_vec();
+        // The stack changes only under the metadata lock, held here: the new one (and its
+        // index, rebuilt above the merge) is made before readers are stopped to swap it in.
+        let current = self.stack();
+        let mut v = current.to_vec();
         let at = v
             .iter()
             .position(|l| l.id == ids[0])
             .ok_or_else(|| EngineError::Invalid(format!("layer {} is not in the stack", ids[0])))?;
         v.splice(at..at + ids.len(), [with]);
-        *stack = v.into();
+        let next = current.with_layers(v);
+        *self.inner.stack.write() = next;
         Ok(())
     }
 }

@@ -24,6 +24,7 @@ mod manifest;
 mod maplog;
 mod plan;
 mod snapshot;
+mod stack;
 mod vlog;
 mod volume;
 

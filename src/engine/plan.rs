@@ -8,6 +8,7 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use super::layer::Layer;
+use super::stack::{Stack, UNRESOLVED, ZERO};
 
 /// Where the bytes of one part of a read come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +33,7 @@ pub struct ReadSegment {
 pub struct ReadPlan {
     /// Inline up to four parts: the common plans cost no allocation on the I/O path.
     pub segments: SmallVec<[ReadSegment; 4]>,
-    _layers: Arc<[Arc<Layer>]>,
+    _layers: Stack,
 }
 
 impl ReadPlan {
@@ -42,20 +43,17 @@ impl ReadPlan {
     }
 }
 
-const UNRESOLVED: u32 = u32::MAX;
-const ZERO: u32 = u32::MAX - 1;
-
 /// Plans the read of blocks `[start, end)` through `layers` (bottom first): each block
 /// comes from the topmost layer that holds it, or is zero.
-pub fn plan(layers: Arc<[Arc<Layer>]>, start: u32, end: u64, block_size: u32) -> ReadPlan {
+pub(crate) fn plan(layers: Stack, start: u32, end: u64, block_size: u32) -> ReadPlan {
     let n = (end - u64::from(start)) as usize;
     let bs = u64::from(block_size);
     let mut segments = SmallVec::new();
     if n == 1 {
-        let owner = owner_of_block(&layers, start);
+        let owner = layers.owner_of_block(start);
         segments.push(segment(&layers, owner, 0, 1, start, bs));
     } else if n > 1 {
-        let owners = owners(&layers, start, end);
+        let owners = layers.owners(start, end);
         let mut run_start = 0usize;
         for i in 1..=n {
             if i == n || owners[i] != owners[run_start] {
@@ -98,44 +96,4 @@ fn segment(
         len: count as u64 * bs,
         source,
     }
-}
-
-/// The owner of one block: the fast path for the most common request, a single block.
-fn owner_of_block(layers: &[Arc<Layer>], block: u32) -> u32 {
-    for (idx, layer) in layers.iter().enumerate().rev() {
-        let st = layer.state.read();
-        if st.map.present.contains(block) {
-            return idx as u32;
-        }
-        if st.map.zeroed.contains(block) {
-            return ZERO;
-        }
-    }
-    ZERO
-}
-
-/// The owner of every block of `[start, end)`, found with range scans of each map from
-/// the top down, stopping as soon as every block is decided.
-fn owners(layers: &[Arc<Layer>], start: u32, end: u64) -> SmallVec<[u32; 32]> {
-    let n = (end - u64::from(start)) as usize;
-    // Inline up to 32 blocks (128 KiB at 4 KiB blocks): no allocation for most requests.
-    let mut owner: SmallVec<[u32; 32]> = smallvec::smallvec![UNRESOLVED; n];
-    let mut left = n;
-    let range = start..=((end - 1) as u32);
-    for (idx, layer) in layers.iter().enumerate().rev() {
-        let st = layer.state.read();
-        for (bm, who) in [(&st.map.present, idx as u32), (&st.map.zeroed, ZERO)] {
-            for b in bm.range(range.clone()) {
-                let slot = &mut owner[(b - start) as usize];
-                if *slot == UNRESOLVED {
-                    *slot = who;
-                    left -= 1;
-                }
-            }
-        }
-        if left == 0 {
-            break;
-        }
-    }
-    owner
 }

@@ -78,7 +78,7 @@ impl Volume {
             let old = stack[stack.len() - 1].clone();
             let mut v = stack.to_vec();
             v.push(new_head);
-            *stack = v.into();
+            *stack = stack.with_layers(v);
             old
         };
         let drain = old_head.wait_drained();
@@ -134,6 +134,7 @@ impl Volume {
                 l.flush(true)?;
             }
         }
+        self.settle_stack(meta);
         stack[top].flush(false)?;
         if start == top && snapshot.is_none() {
             return Ok(());
@@ -160,6 +161,16 @@ impl Volume {
         m.store(&self.inner.dir)?;
         meta.manifest = m;
         Ok(())
+    }
+
+    /// Extends the read index over layers sealed since the stack was made: a lookup no
+    /// longer probes them one by one. `_meta` is the proof that the caller holds the
+    /// metadata lock, under which alone the stack changes.
+    fn settle_stack(&self, _meta: &Meta) {
+        let current = self.stack();
+        if let Some(settled) = current.settled() {
+            *self.inner.stack.write() = settled;
+        }
     }
 
     fn info(&self, entry: &SnapshotEntry, volume_size: u64, layer: &Layer) -> SnapshotInfo {
@@ -234,7 +245,7 @@ impl Volume {
                 EngineError::Invalid(format!("layer of snapshot {name:?} is not in the stack"))
             })?;
         Ok(SnapshotView {
-            layers: stack[..=pos].to_vec().into(),
+            layers: stack.prefix(pos + 1),
             size: entry.size_in(meta.manifest.size),
             volume: self.clone(),
         })

@@ -48,8 +48,7 @@ pub struct VolumeOpenOptions {
     pub direct: bool,
 }
 
-/// The layers of a volume, bottom first; the last one is the writable head.
-pub(crate) type Stack = Arc<[Arc<Layer>]>;
+pub(crate) use super::stack::Stack;
 
 /// Metadata state guarded by one lock: every change to the manifest, and flushes, go
 /// through it one at a time.
@@ -266,7 +265,7 @@ impl Volume {
                 size: AtomicU64::new(manifest.size),
                 block_size: manifest.block_size,
                 direct,
-                stack: RwLock::new(layers.into()),
+                stack: RwLock::new(Stack::new(layers)),
                 meta: Mutex::new(Meta {
                     next_layer_id: manifest.next_layer_id,
                     manifest,
