@@ -22,13 +22,20 @@ pub struct Client {
 impl Client {
     /// Connects to the socket at `path`.
     pub fn connect(path: &Path) -> Result<Client, CtlError> {
+        Client::connect_with_timeout(path, REPLY_TIMEOUT)
+    }
+
+    /// Connects to the socket at `path`, giving up on any send or reply that takes longer
+    /// than `timeout` (for quick questions to a daemon that may hang, such as metrics).
+    pub fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<Client, CtlError> {
         let s = UnixStream::connect(path).map_err(|e| {
             CtlError::new(
                 ErrorCode::Io,
                 format!("cannot reach the daemon at {}: {e}", path.display()),
             )
         })?;
-        let _ = s.set_read_timeout(Some(REPLY_TIMEOUT));
+        let _ = s.set_read_timeout(Some(timeout));
+        let _ = s.set_write_timeout(Some(timeout));
         let writer = s
             .try_clone()
             .map_err(|e| CtlError::new(ErrorCode::Io, format!("{}: {e}", path.display())))?;
