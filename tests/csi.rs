@@ -13,6 +13,7 @@ use snapblk::csi::agent;
 use snapblk::csi::auth::Token;
 use snapblk::csi::controller::Controller;
 use snapblk::csi::identity::{Identity, Role};
+use snapblk::csi::metrics::{MetricsSources, RpcMetrics};
 use snapblk::csi::proto::csi::{
     self, controller_client::ControllerClient, group_controller_client::GroupControllerClient,
     identity_client::IdentityClient, node_client::NodeClient,
@@ -55,6 +56,8 @@ impl Drop for NodeProc {
 
 struct ControllerProc {
     sock: PathBuf,
+    /// Where its metrics endpoint listens.
+    metrics: std::net::SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -98,17 +101,35 @@ async fn start_controller(dir: &Path, token: &Token, addr: std::net::SocketAddr)
                 .expect("registry");
         }
     });
+    let rpc = Arc::new(RpcMetrics::default());
     let s = sock.clone();
-    let t2 = tokio::spawn(async move {
-        server::serve_csi(&s, identity, Some(ctl), Some(meta), None, rx)
+    let t2 = tokio::spawn({
+        let (rpc, rx) = (rpc.clone(), rx.clone());
+        async move {
+            server::serve_csi(&s, identity, Some(ctl), Some(meta), None, Some(rpc), rx)
+                .await
+                .expect("csi");
+        }
+    });
+    let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("metrics port");
+    let metrics = metrics_listener.local_addr().expect("metrics addr");
+    let sources = MetricsSources {
+        rpc: Some(rpc),
+        node: None,
+    };
+    let t3 = tokio::spawn(async move {
+        server::serve_metrics(metrics_listener, sources, rx)
             .await
-            .expect("csi");
+            .expect("metrics");
     });
     wait_socket(&sock).await;
     ControllerProc {
         sock,
+        metrics,
         stop,
-        tasks: vec![t1, t2],
+        tasks: vec![t1, t2, t3],
     }
 }
 
@@ -154,7 +175,7 @@ async fn start_node(
     };
     let s = sock.clone();
     runtime.spawn(async move {
-        server::serve_csi(&s, identity, None, None, Some(parts.node), rx)
+        server::serve_csi(&s, identity, None, None, Some(parts.node), None, rx)
             .await
             .expect("csi");
     });
@@ -1920,4 +1941,109 @@ async fn node_agent_freeze_and_thaw() {
         code(agent.thaw_volume(pb::ThawVolumeRequest::default()).await),
         Code::InvalidArgument
     );
+}
+
+/// `GET`s (or sends `method` to) `path` on `addr` over plain HTTP/1.1: the status code
+/// and the body.
+async fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut raw))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP reply");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (status, body.to_string())
+}
+
+/// The value of series `series` (name and labels, exactly) in OpenMetrics `text`.
+fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_metrics_count_rpcs_by_method_and_code() {
+    let c = Cluster::new().await;
+    let addr = c.controller.as_ref().expect("controller").metrics;
+    let created = r#"snapblk_csi_rpc_requests_total{service="csi.v1.Controller",method="CreateVolume",code="OK"}"#;
+    let refused = r#"snapblk_csi_rpc_requests_total{service="csi.v1.Controller",method="CreateVolume",code="InvalidArgument"}"#;
+    let (status, before) = http(addr, "GET", "/metrics").await;
+    assert_eq!(status, 200, "{before}");
+    assert!(before.ends_with("# EOF\n"), "{before}");
+    // Registration asked for the capacity at least once, through the same socket.
+    assert!(
+        series_value(
+            &before,
+            r#"snapblk_csi_rpc_requests_total{service="csi.v1.Controller",method="GetCapacity",code="OK"}"#
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{before}"
+    );
+    assert_eq!(series_value(&before, created), None, "{before}");
+
+    let mut ctl = c.ctl();
+    let all = ["node-a", "node-b"];
+    let req = provisioner_request(
+        "pvc-4b1e7c1a-0000-4000-8000-0000000000aa",
+        16 * MIB,
+        "node-a",
+        &all,
+    );
+    for _ in 0..3 {
+        ctl.create_volume(req.clone()).await.expect("create");
+    }
+    for _ in 0..2 {
+        let mut nameless = req.clone();
+        nameless.name.clear();
+        assert_eq!(
+            code(ctl.create_volume(nameless).await),
+            Code::InvalidArgument
+        );
+    }
+    let mut id = IdentityClient::new(unix_channel(&c.controller.as_ref().expect("ctl").sock));
+    id.probe(csi::ProbeRequest {}).await.expect("probe");
+
+    let (status, after) = http(addr, "GET", "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(series_value(&after, created), Some(3.0), "{after}");
+    assert_eq!(series_value(&after, refused), Some(2.0), "{after}");
+    assert_eq!(
+        series_value(
+            &after,
+            r#"snapblk_csi_rpc_duration_seconds_count{service="csi.v1.Controller",method="CreateVolume",code="OK"}"#
+        ),
+        Some(3.0),
+        "{after}"
+    );
+    assert_eq!(
+        series_value(
+            &after,
+            r#"snapblk_csi_rpc_requests_total{service="csi.v1.Identity",method="Probe",code="OK"}"#
+        ),
+        Some(1.0),
+        "{after}"
+    );
+    let sum = series_value(
+        &after,
+        r#"snapblk_csi_rpc_duration_seconds_sum{service="csi.v1.Controller",method="CreateVolume",code="OK"}"#,
+    )
+    .expect("a latency sum");
+    assert!(sum > 0.0 && sum < 60.0, "{sum}");
+    // A controller has no volumes of its own.
+    assert!(!after.contains("snapblk_volume_"), "{after}");
+
+    // Only GET /metrics.
+    assert_eq!(http(addr, "GET", "/").await.0, 404);
+    assert_eq!(http(addr, "GET", "/metrics/x").await.0, 404);
+    assert_eq!(http(addr, "POST", "/metrics").await.0, 405);
 }

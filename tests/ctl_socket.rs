@@ -101,6 +101,18 @@ fn requests_round_trip_and_snapshots_are_idempotent() {
     c.call(Command::SnapshotDelete(NameArgs { name: "s1".into() }))
         .expect("delete");
     assert!(vol.list_snapshots().is_empty());
+    // Counters for metrics: one snapshot cut (asking twice is one), none left now.
+    let stats = c.call(Command::Stats).expect("stats");
+    assert_eq!(stats["snapshots_created"], json!(1), "{stats}");
+    assert_eq!(stats["snapshots"], json!(0), "{stats}");
+    assert_eq!(stats["size_bytes"], json!(1 << 20), "{stats}");
+    assert_eq!(stats["io"], json!({}), "no device, no requests: {stats}");
+    let raw_stats = raw(server.path(), b"{\"v\":1,\"id\":9,\"cmd\":\"stats\"}\n");
+    assert_eq!(raw_stats["id"], json!(9));
+    assert!(
+        raw_stats["result"]["freeze"]["counts"].is_array(),
+        "{raw_stats}"
+    );
     let e = c
         .call(Command::Freeze(FreezeArgs::default()))
         .expect_err("no device to freeze");

@@ -986,7 +986,7 @@ fn port_problems(docs: &[Doc]) -> Vec<String> {
             for (f, v) in flags(c) {
                 if matches!(
                     f.as_str(),
-                    "http-endpoint" | "listen" | "agent-listen" | "port"
+                    "http-endpoint" | "listen" | "agent-listen" | "port" | "metrics-addr"
                 ) {
                     let Some(p) = port_of(&v) else {
                         out.push(format!("{at}: {cname} --{f}={v}: no port"));
@@ -995,6 +995,18 @@ fn port_problems(docs: &[Doc]) -> Vec<String> {
                     if let Some(other) = http.insert(p, cname.clone()) {
                         out.push(format!("{at}: {cname} and {other} both listen on {p}"));
                     }
+                }
+            }
+            // The metrics endpoint has a container port named `metrics` to scrape.
+            if let Some(m) = flag(c, "metrics-addr") {
+                let named = arr(&c["ports"])
+                    .iter()
+                    .find(|p| s(&p["name"]) == "metrics")
+                    .and_then(|p| p["containerPort"].as_u64());
+                if named.is_none() || named != port_of(&m).map(u64::from) {
+                    out.push(format!(
+                        "{at}: {cname} --metrics-addr={m} has no container port named metrics with its port"
+                    ));
                 }
             }
             match snapblk_role(c).as_deref() {
@@ -1533,6 +1545,19 @@ fn broken_manifests_are_caught() {
         "two endpoints on one port",
         port_problems(&broken),
         "both listen on 8080",
+    );
+    let broken = edit("DaemonSet", "snapblk-node", &|v| {
+        set_arg(
+            v,
+            "snapblk",
+            "--metrics-addr",
+            "--metrics-addr=0.0.0.0:9900",
+        );
+    });
+    caught(
+        "metrics on a port nobody scrapes",
+        port_problems(&broken),
+        "--metrics-addr=0.0.0.0:9900",
     );
 
     // Secrets: the token file outside the token Secret.

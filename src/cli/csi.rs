@@ -11,6 +11,7 @@ use crate::csi::agent;
 use crate::csi::auth::Token;
 use crate::csi::controller::Controller;
 use crate::csi::identity::{Identity, Role};
+use crate::csi::metrics::{MetricsSources, RpcMetrics};
 use crate::csi::registry::Registry;
 use crate::csi::server::{self, NodeOptions};
 use crate::csi::snapshot_metadata::{MetadataStyle, SnapshotMetadata};
@@ -40,6 +41,20 @@ pub struct CommonArgs {
     /// The driver's name, as in the CSIDriver object and the StorageClass's provisioner.
     #[arg(long, default_value = "csi.snapblk.io")]
     pub driver_name: String,
+    /// Serve Prometheus metrics over HTTP at this address (GET /metrics, OpenMetrics
+    /// text), e.g. 0.0.0.0:9812: the CSI calls answered and, on a node, every served
+    /// volume's requests, snapshots, freeze windows and space (see docs/metrics.md)
+    /// [default: no metrics endpoint].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Binds the metrics endpoint's listener, if one was asked for.
+async fn metrics_listener(common: &CommonArgs) -> Result<Option<tokio::net::TcpListener>, String> {
+    match common.metrics_addr {
+        Some(addr) => server::listen(addr, "--metrics-addr").await.map(Some),
+        None => Ok(None),
+    }
 }
 
 /// Arguments of `csi controller`.
@@ -195,10 +210,25 @@ async fn controller(a: ControllerArgs, shutdown: server::Shutdown) -> Result<(),
         registry: registry.clone(),
         style: a.snapshot_metadata_type,
     };
+    let metrics = metrics_listener(&a.common).await?;
+    let rpc = metrics.as_ref().map(|_| Arc::new(RpcMetrics::default()));
+    let sources = MetricsSources {
+        rpc: rpc.clone(),
+        node: None,
+    };
     let reg = server::serve_registry(listener, registry, token, shutdown.clone());
-    let csi = server::serve_csi(&socket, identity, Some(ctl), Some(meta), None, shutdown);
-    let (r, c) = tokio::join!(reg, csi);
-    r.and(c)
+    let csi = server::serve_csi(
+        &socket,
+        identity,
+        Some(ctl),
+        Some(meta),
+        None,
+        rpc,
+        shutdown.clone(),
+    );
+    let m = server::maybe_serve_metrics(metrics, sources, shutdown);
+    let (r, c, m) = tokio::join!(reg, csi, m);
+    r.and(c).and(m)
 }
 
 async fn node(a: NodeArgs, shutdown: server::Shutdown) -> Result<(), String> {
@@ -211,6 +241,12 @@ async fn node(a: NodeArgs, shutdown: server::Shutdown) -> Result<(), String> {
     }
     let parts = server::node_parts(&o)?;
     let listener = server::listen(a.agent_listen, "--agent-listen").await?;
+    let metrics = metrics_listener(&a.common).await?;
+    let rpc = metrics.as_ref().map(|_| Arc::new(RpcMetrics::default()));
+    let sources = MetricsSources {
+        rpc: rpc.clone(),
+        node: Some(server::node_metrics(&o, &parts)),
+    };
     let beat = tokio::spawn(agent::heartbeat(
         a.controller.clone(),
         o.node_id.clone(),
@@ -222,10 +258,19 @@ async fn node(a: NodeArgs, shutdown: server::Shutdown) -> Result<(), String> {
         role: Role::Node,
     };
     let ag = server::serve_agent(listener, parts.agent, token, shutdown.clone());
-    let csi = server::serve_csi(&socket, identity, None, None, Some(parts.node), shutdown);
-    let (r, c) = tokio::join!(ag, csi);
+    let csi = server::serve_csi(
+        &socket,
+        identity,
+        None,
+        None,
+        Some(parts.node),
+        rpc,
+        shutdown.clone(),
+    );
+    let m = server::maybe_serve_metrics(metrics, sources, shutdown);
+    let (r, c, m) = tokio::join!(ag, csi, m);
     beat.abort();
-    r.and(c)
+    r.and(c).and(m)
 }
 
 async fn all_in_one(a: AllInOneArgs, shutdown: server::Shutdown) -> Result<(), String> {
@@ -235,7 +280,8 @@ async fn all_in_one(a: AllInOneArgs, shutdown: server::Shutdown) -> Result<(), S
     if let Some(why) = agent::ublk_unready() {
         tracing::warn!("{why}; Probe fails until it is fixed");
     }
-    server::run_all_in_one(&socket, &o, a.snapshot_metadata_type, shutdown).await
+    let metrics = metrics_listener(&a.common).await?;
+    server::run_all_in_one(&socket, &o, a.snapshot_metadata_type, metrics, shutdown).await
 }
 
 #[cfg(test)]

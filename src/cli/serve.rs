@@ -13,6 +13,7 @@ use crate::ctl::service::{
     marker_path, DeviceInfo, DeviceResizer, Exposed, SnapshotExposer, VolumeService,
 };
 use crate::engine::{SnapshotView, Volume};
+use crate::stats::IoStats;
 use crate::sys::mountinfo;
 use crate::ublk::{self, ExposeOptions, ExposedDevice, ServeOptions, ServingDevice};
 
@@ -179,7 +180,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         uids: args.allow_uid.clone(),
         gids: args.allow_gid.clone(),
     };
-    let result = ublk::serve(&opts, move |dev, volume| {
+    let result = ublk::serve(&opts, move |dev, volume, io| {
         // The control socket comes up with the device; without it the device still
         // serves, but snapshots need it, so say so loudly.
         let path = socket.unwrap_or_else(|| default_socket(&dev.volume));
@@ -188,7 +189,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             pin_queues,
             ..ExposeOptions::default()
         };
-        match start_control(dev, volume, &path, access, expose) {
+        match start_control(dev, volume, io, &path, access, expose) {
             Ok(server) => *slot.lock() = Some(server),
             Err(e) => {
                 tracing::error!(socket = %path.display(), error = %e, "control socket not started: snapshots through the daemon are unavailable")
@@ -211,6 +212,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 fn start_control(
     dev: &ServingDevice,
     volume: &Volume,
+    io: &Arc<IoStats>,
     path: &std::path::Path,
     access: Access,
     expose: ExposeOptions,
@@ -239,7 +241,8 @@ fn start_control(
         .with_resizer(Box::new(UblkResizer {
             dev_id: dev.dev_id,
             path: dev.bdev_path.clone(),
-        })),
+        }))
+        .with_io_stats(io.clone()),
     );
     let server = Server::start(path, access, Limits::default(), service.clone())?;
     Ok((server, service))

@@ -110,6 +110,12 @@ impl Daemons {
         self.served.lock().values().cloned().collect()
     }
 
+    /// Lists `s` as running, as adoption would (for tests of what reads the list).
+    #[cfg(test)]
+    pub(crate) fn track(&self, s: Served) {
+        self.served.lock().insert(s.key.clone(), s);
+    }
+
     /// Whether the daemon of `key` runs and answers on its socket; the reason when not.
     pub fn check(&self, key: &str) -> Result<(), String> {
         let s = self

@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod group_controller;
 pub mod identity;
 pub mod ids;
+pub mod metrics;
 pub mod mounts;
 pub mod node;
 pub mod oplock;

@@ -1,5 +1,6 @@
 //! Putting the services together: the CSI socket (Identity with Controller and/or Node),
-//! the node's NodeAgent and the controller's Registry on TCP, and the all-in-one process.
+//! the node's NodeAgent and the controller's Registry on TCP, the metrics endpoint, and the
+//! all-in-one process.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use super::controller::Controller;
 use super::daemon::{Daemons, Layout};
 use super::group_controller::GroupController;
 use super::identity::{Identity, Role};
+use super::metrics::{MetricsSources, NodeMetrics, RpcMetrics, RpcMetricsLayer, CONTENT_TYPE};
 use super::node::Node;
 use super::oplock::OpLocks;
 use super::proto::csi::{
@@ -115,13 +117,15 @@ fn supervise(daemons: std::sync::Weak<Daemons>, ops: OpLocks) {
 }
 
 /// Serves the CSI services on the Unix socket at `socket` until `shutdown` (the
-/// SnapshotMetadata service beside the Controller: one endpoint for the whole driver).
+/// SnapshotMetadata service beside the Controller: one endpoint for the whole driver),
+/// counting every call in `rpc_metrics` when given.
 pub async fn serve_csi(
     socket: &Path,
     identity: Identity,
     controller: Option<Controller>,
     snapshot_metadata: Option<SnapshotMetadata>,
     node: Option<Node>,
+    rpc_metrics: Option<Arc<RpcMetrics>>,
     shutdown: Shutdown,
 ) -> Result<(), String> {
     let incoming = transport::bind_unix(socket)
@@ -132,6 +136,7 @@ pub async fn serve_csi(
         .as_ref()
         .map(|c| GroupController::new(c.registry.clone()));
     let result = Server::builder()
+        .layer(RpcMetricsLayer::new(rpc_metrics))
         .add_service(IdentityServer::new(identity))
         .add_optional_service(group.map(GroupControllerServer::new))
         .add_optional_service(controller.map(ControllerServer::new))
@@ -200,6 +205,68 @@ pub async fn serve_registry(
         .map_err(|e| format!("registry {addr:?}: {e}"))
 }
 
+/// The metrics of a node plugin: its volumes, found through `parts`.
+pub fn node_metrics(o: &NodeOptions, parts: &NodeParts) -> NodeMetrics {
+    NodeMetrics {
+        node_id: o.node_id.clone(),
+        daemons: parts.node.daemons.clone(),
+        volumes_dir: Layout::new(&o.state_dir).volumes,
+    }
+}
+
+/// Serves `GET /metrics` (OpenMetrics text made of `sources` at each scrape) over HTTP on
+/// `listener` until `shutdown`; any other path is 404.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    sources: MetricsSources,
+    shutdown: Shutdown,
+) -> Result<(), String> {
+    use axum::extract::State;
+    use axum::http::{header, StatusCode};
+    use axum::response::{IntoResponse, Response};
+
+    async fn scrape(State(sources): State<Arc<MetricsSources>>) -> Response {
+        match sources.render().await {
+            Ok(body) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
+            Err(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the metrics could not be encoded\n",
+            )
+                .into_response(),
+        }
+    }
+    async fn not_found() -> (StatusCode, &'static str) {
+        (
+            StatusCode::NOT_FOUND,
+            "not found: metrics are at /metrics\n",
+        )
+    }
+
+    let addr = listener.local_addr().ok();
+    tracing::info!(address = ?addr, "metrics endpoint listening");
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape))
+        .fallback(not_found)
+        .with_state(Arc::new(sources));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(wait(shutdown))
+        .await
+        .map_err(|e| format!("metrics endpoint {addr:?}: {e}"))
+}
+
+/// Serves the metrics of `sources` on `listener` when there is one; returns at once
+/// otherwise.
+pub async fn maybe_serve_metrics(
+    listener: Option<TcpListener>,
+    sources: MetricsSources,
+    shutdown: Shutdown,
+) -> Result<(), String> {
+    match listener {
+        Some(l) => serve_metrics(l, sources, shutdown).await,
+        None => Ok(()),
+    }
+}
+
 /// Binds a TCP listener, with a message that names the flag on failure.
 pub async fn listen(addr: SocketAddr, flag: &str) -> Result<TcpListener, String> {
     TcpListener::bind(addr)
@@ -214,9 +281,15 @@ pub async fn run_all_in_one(
     socket: &Path,
     o: &NodeOptions,
     metadata_style: MetadataStyle,
+    metrics: Option<TcpListener>,
     shutdown: Shutdown,
 ) -> Result<(), String> {
     let parts = node_parts(o)?;
+    let rpc = metrics.as_ref().map(|_| Arc::new(RpcMetrics::default()));
+    let sources = MetricsSources {
+        rpc: rpc.clone(),
+        node: Some(node_metrics(o, &parts)),
+    };
     let token = Token::random();
     let agent_sock = o.state_dir.join("agent.sock");
     let registry = Arc::new(Registry::new(token.clone()));
@@ -255,9 +328,11 @@ pub async fn run_all_in_one(
         Some(controller),
         Some(snapshot_metadata),
         Some(parts.node),
-        shutdown,
+        rpc,
+        shutdown.clone(),
     );
-    let (a, c) = tokio::join!(agent, csi);
+    let m = maybe_serve_metrics(metrics, sources, shutdown);
+    let (a, c, m) = tokio::join!(agent, csi, m);
     beat.abort();
-    a.and(c)
+    a.and(c).and(m)
 }

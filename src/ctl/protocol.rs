@@ -155,6 +155,8 @@ pub struct FreezeArgs {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Status,
+    /// Counters for metrics: requests by direction, snapshots, freeze windows, space.
+    Stats,
     SnapshotCreate(SnapshotCreateArgs),
     SnapshotList,
     SnapshotShow(NameArgs),
@@ -174,6 +176,7 @@ impl Command {
     pub fn name(&self) -> &'static str {
         match self {
             Command::Status => "status",
+            Command::Stats => "stats",
             Command::SnapshotCreate(_) => "snapshot.create",
             Command::SnapshotList => "snapshot.list",
             Command::SnapshotShow(_) => "snapshot.show",
@@ -190,7 +193,7 @@ impl Command {
 
     fn args(&self) -> Value {
         let v = match self {
-            Command::Status | Command::SnapshotList => Ok(json!({})),
+            Command::Status | Command::Stats | Command::SnapshotList => Ok(json!({})),
             Command::SnapshotCreate(a) => serde_json::to_value(a),
             Command::SnapshotShow(a)
             | Command::SnapshotDelete(a)
@@ -266,6 +269,7 @@ impl Request {
         };
         let command = match cmd {
             "status" => empty(&args).map(|()| Command::Status),
+            "stats" => empty(&args).map(|()| Command::Stats),
             "snapshot.list" => empty(&args).map(|()| Command::SnapshotList),
             "snapshot.create" => typed(cmd, args).map(Command::SnapshotCreate),
             "snapshot.show" => typed(cmd, args).map(Command::SnapshotShow),
@@ -283,7 +287,7 @@ impl Request {
                     CtlError::new(
                         ErrorCode::UnknownCommand,
                         format!(
-                            "unknown command {other:?}; known: status, snapshot.create, snapshot.list, snapshot.show, snapshot.delete, snapshot.expose, snapshot.unexpose, snapshot.clone, volume.resize, export, freeze, thaw"
+                            "unknown command {other:?}; known: status, stats, snapshot.create, snapshot.list, snapshot.show, snapshot.delete, snapshot.expose, snapshot.unexpose, snapshot.clone, volume.resize, export, freeze, thaw"
                         ),
                     ),
                 ))
@@ -335,6 +339,7 @@ mod tests {
     fn round_trip_every_command() {
         let cmds = vec![
             Command::Status,
+            Command::Stats,
             Command::SnapshotList,
             Command::SnapshotCreate(SnapshotCreateArgs {
                 name: "a".into(),
@@ -395,6 +400,10 @@ mod tests {
                 ErrorCode::BadRequest,
             ),
             (r#"{"v":1,"cmd":"status","extra":1}"#, ErrorCode::BadRequest),
+            (
+                r#"{"v":1,"cmd":"stats","args":{"reset":true}}"#,
+                ErrorCode::BadRequest,
+            ),
             (r#"{"v":1,"cmd":"snapshot.create"}"#, ErrorCode::BadRequest),
             (
                 r#"{"v":1,"cmd":"snapshot.create","args":{"name":5}}"#,

@@ -1,9 +1,10 @@
-//! What the control socket does for one served volume: status, snapshots with freeze
-//! coordination, manual freeze/thaw. Blocking code (engine fsyncs, FIFREEZE): the server
+//! What the control socket does for one served volume: status, counters for metrics,
+//! snapshots with freeze coordination, manual freeze/thaw. Blocking code (engine fsyncs, FIFREEZE): the server
 //! runs it off its async runtime and off the ublk queue threads.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use super::protocol::{
     SnapshotCreateArgs, DEFAULT_FREEZE_TIMEOUT, MAX_FREEZE_TIMEOUT,
 };
 use crate::engine::{validate_snapshot_name, EngineError, SnapshotView, Volume};
+use crate::stats::{Histogram, IoStats, VolumeStats, FREEZE_BOUNDS_NS};
 use crate::stream::{PreparedExport, StreamError};
 
 /// Exports streaming at once, at most (each holds a blocking thread of the server).
@@ -131,8 +133,9 @@ pub struct VolumeService {
     marker: Option<PathBuf>,
     /// One snapshot operation at a time.
     snapshots: Mutex<()>,
-    /// A freeze asked for with the `freeze` command, per connection id.
-    manual: Mutex<Option<(u64, FreezeGuard)>>,
+    /// A freeze asked for with the `freeze` command: the connection id, the guard, and
+    /// when the file system was frozen.
+    manual: Mutex<Option<(u64, FreezeGuard, Instant)>>,
     /// Makes snapshot devices, if the daemon can.
     exposer: Option<Box<dyn SnapshotExposer>>,
     /// Snapshots served read-only, by name.
@@ -141,6 +144,14 @@ pub struct VolumeService {
     exports: Arc<Mutex<Exports>>,
     /// Grows the device with the volume, if the daemon serves one.
     resizer: Option<Box<dyn DeviceResizer>>,
+    /// The device's request counters, if the daemon serves one.
+    io: Option<Arc<IoStats>>,
+    /// How long each freeze window this service held lasted.
+    freezes: Histogram,
+    /// Snapshots this service cut.
+    snapshots_created: AtomicU64,
+    /// When counting started.
+    started: Instant,
 }
 
 impl VolumeService {
@@ -165,7 +176,17 @@ impl VolumeService {
             exposed: Mutex::new(BTreeMap::new()),
             exports: Arc::default(),
             resizer: None,
+            io: None,
+            freezes: Histogram::new(&FREEZE_BOUNDS_NS),
+            snapshots_created: AtomicU64::new(0),
+            started: Instant::now(),
         }
+    }
+
+    /// The same service, reporting the device's request counters `io` in `stats`.
+    pub fn with_io_stats(mut self, io: Arc<IoStats>) -> VolumeService {
+        self.io = Some(io);
+        self
     }
 
     /// Checks an export request and pins its snapshots; the caller streams it (the
@@ -220,6 +241,8 @@ impl VolumeService {
     pub fn handle(&self, conn: u64, cmd: Command) -> Result<Value, CtlError> {
         match cmd {
             Command::Status => Ok(self.status()),
+            Command::Stats => serde_json::to_value(self.stats())
+                .map_err(|e| CtlError::new(ErrorCode::Internal, e.to_string())),
             Command::SnapshotList => Ok(json!({
                 "snapshots": self.volume.list_snapshots(),
                 "exposed": self.exposed_devices(),
@@ -269,7 +292,12 @@ impl VolumeService {
 
     /// Thaws a manual freeze made by connection `conn` (called when it disconnects).
     pub fn connection_closed(&self, conn: u64) {
-        if self.manual.lock().as_ref().is_some_and(|(c, _)| *c == conn) {
+        if self
+            .manual
+            .lock()
+            .as_ref()
+            .is_some_and(|(c, _, _)| *c == conn)
+        {
             tracing::warn!(
                 conn,
                 "the client that froze the file system disconnected: thawing"
@@ -282,9 +310,24 @@ impl VolumeService {
         json!({
             "volume": self.volume.status(),
             "device": self.device,
-            "frozen": self.manual.lock().as_ref().map(|(_, g)| g.mounts().to_vec()),
+            "frozen": self.manual.lock().as_ref().map(|(_, g, _)| g.mounts().to_vec()),
             "exposed": self.exposed_devices(),
         })
+    }
+
+    /// The counters metrics are made of.
+    pub fn stats(&self) -> VolumeStats {
+        let st = self.volume.status();
+        VolumeStats {
+            volume_id: st.volume_id,
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            size_bytes: st.size,
+            stored_bytes: st.stored_bytes,
+            snapshots: st.snapshots as u64,
+            snapshots_created: self.snapshots_created.load(Ordering::Relaxed),
+            freeze: self.freezes.snapshot(),
+            io: self.io.as_ref().map(|s| s.snapshot()).unwrap_or_default(),
+        }
     }
 
     /// Device of each exposed snapshot, by snapshot name.
@@ -465,6 +508,10 @@ impl VolumeService {
             ));
         }
         thawed?;
+        self.snapshots_created.fetch_add(1, Ordering::Relaxed);
+        if !frozen.is_empty() {
+            self.freezes.record(frozen_for);
+        }
         let consistency = if !frozen.is_empty() || manual_active {
             "application-consistent: the file system was frozen for the cut"
         } else if a.freeze == FreezeMode::None {
@@ -515,16 +562,17 @@ impl VolumeService {
         }
         let guard = self.freeze(mounts, timeout)?;
         let frozen = guard.mounts().to_vec();
-        *manual = Some((conn, guard));
+        *manual = Some((conn, guard, Instant::now()));
         Ok(json!({ "frozen": frozen, "timeout_ms": timeout.as_millis() as u64 }))
     }
 
     fn manual_thaw(&self, only_conn: Option<u64>) -> Result<Value, CtlError> {
         let mut manual = self.manual.lock();
         match manual.take() {
-            Some((c, g)) if only_conn.is_none_or(|o| o == c) => {
+            Some((c, g, since)) if only_conn.is_none_or(|o| o == c) => {
                 let mounts = g.mounts().to_vec();
-                g.thaw()?;
+                let at = g.thaw()?;
+                self.freezes.record(at.saturating_duration_since(since));
                 Ok(json!({ "thawed": mounts }))
             }
             Some(other) => {
@@ -786,6 +834,74 @@ mod tests {
         let r = plain.handle(1, resize(4 << 20)).expect("grow");
         assert_eq!(r["device_resized"], false);
         assert_eq!(vol.size(), 4 << 20);
+    }
+
+    #[test]
+    fn stats_report_snapshots_space_and_requests() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let vol = Volume::create(
+            &tmp.path().join("v"),
+            &CreateOptions {
+                size: 1 << 20,
+                block_size: 4096,
+            },
+        )
+        .expect("volume");
+        vol.write(0, &[1u8; 8192], false).expect("write");
+        let io = Arc::new(IoStats::new(2));
+        io.queue(1).record(
+            crate::stats::Direction::Write,
+            8192,
+            false,
+            Duration::from_micros(50),
+        );
+        let svc = VolumeService::new(vol.clone(), None, None, None).with_io_stats(io.clone());
+        let before: VolumeStats =
+            serde_json::from_value(svc.handle(1, Command::Stats).expect("stats")).expect("parse");
+        assert_eq!(before.volume_id, vol.status().volume_id);
+        assert_eq!((before.snapshots, before.snapshots_created), (0, 0));
+        assert_eq!(before.stored_bytes, 8192);
+        assert_eq!(before.size_bytes, 1 << 20);
+        assert_eq!(before.io["write"].requests, 1);
+        assert_eq!(before.io["write"].bytes, 8192);
+        assert_eq!(before.freeze.count(), 0);
+        svc.handle(
+            1,
+            Command::SnapshotCreate(SnapshotCreateArgs {
+                name: "s1".into(),
+                freeze: FreezeMode::None,
+                mount: None,
+                freeze_timeout_ms: None,
+            }),
+        )
+        .expect("snapshot");
+        // The same name again is the same snapshot: not counted twice.
+        svc.handle(
+            1,
+            Command::SnapshotCreate(SnapshotCreateArgs {
+                name: "s1".into(),
+                freeze: FreezeMode::None,
+                mount: None,
+                freeze_timeout_ms: None,
+            }),
+        )
+        .expect("again");
+        io.queue(0).record(
+            crate::stats::Direction::Read,
+            4096,
+            false,
+            Duration::from_micros(20),
+        );
+        let after = svc.stats();
+        assert_eq!((after.snapshots, after.snapshots_created), (1, 1));
+        assert_eq!(after.io["read"].requests, 1);
+        assert!(after.uptime_seconds >= before.uptime_seconds);
+        // Nothing mounted, nothing frozen.
+        assert_eq!(after.freeze.count(), 0);
+
+        // A daemon with no device reports no requests.
+        let plain = VolumeService::new(vol, None, None, None);
+        assert!(plain.stats().io.is_empty());
     }
 
     #[test]

@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 use tracing::{error, info, info_span, warn, Span};
 
 use crate::engine::{EngineError, SnapshotView, Volume, VolumeOpenOptions};
+use crate::stats::IoStats;
 
 use super::affinity::{self, QueueThreads};
 use super::error::{describe_ublk_error, Result, UblkLayerError};
@@ -131,14 +132,15 @@ pub(super) fn check_options(opts: &ServeOptions) -> Result<()> {
 
 /// Serves `opts.volume_dir` as a ublk device until SIGTERM or SIGINT, then stops the
 /// device, flushes the volume and deletes the device. `ready` is called once the
-/// device is live, with the volume it serves (for the layers above, such as the control
-/// socket). Nothing is created when the volume cannot be opened.
+/// device is live, with the volume it serves and the counters of its requests (for the
+/// layers above, such as the control socket). Nothing is created when the volume cannot
+/// be opened.
 ///
 /// Must run on the process's main thread before it starts other threads: it blocks
 /// SIGTERM/SIGINT so that every thread it starts inherits the mask.
 pub fn serve<R>(opts: &ServeOptions, ready: R) -> Result<()>
 where
-    R: FnOnce(&ServingDevice, &Volume) + Send + Sync + 'static,
+    R: FnOnce(&ServingDevice, &Volume, &Arc<IoStats>) + Send + Sync + 'static,
 {
     check_options(opts)?;
     signals::block_stop_signals()?;
@@ -193,6 +195,7 @@ where
         mode,
         recovered: opts.recover,
     };
+    let stats = Arc::new(IoStats::new(usize::from(info.nr_hw_queues)));
     let spec = DeviceSpec {
         volume: volume.clone(),
         snapshot: None,
@@ -201,10 +204,11 @@ where
         target: recover::target_json(&volume_dir, volume.name()),
         span: span.clone(),
         pin_queues: opts.pin_queues,
+        stats: stats.clone(),
     };
     let live_volume = volume.clone();
     let run = run_device(&ctrl, spec, move |exited, nr_queues| {
-        ready(&serving, &live_volume);
+        ready(&serving, &live_volume, &stats);
         wait_for_stop(exited, nr_queues)
     });
     let dev_id = info.dev_id;
@@ -249,6 +253,8 @@ pub(super) struct DeviceSpec {
     pub span: Span,
     /// Keep libublk's per-queue CPU pinning.
     pub pin_queues: bool,
+    /// Where the queues count finished requests.
+    pub stats: Arc<IoStats>,
 }
 
 /// Starts the queues of the device `ctrl` was built for and runs it: `live` is called on
@@ -288,6 +294,7 @@ where
         span: span.clone(),
         exited: exited.clone(),
         threads: threads.clone(),
+        stats: spec.stats.clone(),
     };
     let stop: Arc<Mutex<Option<StopReason>>> = Arc::new(Mutex::new(None));
     let size = spec

@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use serde_json::{json, Value};
 use tracing::{error, info, info_span, warn};
 
 use crate::engine::{SnapshotView, Volume};
+use crate::stats::IoStats;
 
 use super::device::{
     abandon_device, add_ctrl, check_options, queues_ended, remove_device, run_device, DeviceSpec,
@@ -227,6 +229,8 @@ fn run_exposed(
         target: target_json(volume_dir, snapshot),
         span: span.clone(),
         pin_queues: opts.pin_queues,
+        // Counted but not reported: metrics cover the volume's own device.
+        stats: Arc::new(IoStats::new(usize::from(info.nr_hw_queues))),
     };
     let ready_live = ready.clone();
     let live_bdev = bdev.clone();

@@ -20,6 +20,7 @@ use libublk::{sys, BufDesc, UblkError, UblkIORes};
 use tracing::{debug, error, info_span, warn, Span};
 
 use crate::engine::{SnapshotView, Volume};
+use crate::stats::IoStats;
 
 use super::affinity::QueueThreads;
 use super::error::describe_ublk_error;
@@ -48,6 +49,8 @@ pub struct QueueSetup {
     pub exited: Arc<AtomicUsize>,
     /// Where each queue thread registers, so the main thread can place them.
     pub threads: QueueThreads,
+    /// Where finished requests are counted, one set of counters per queue.
+    pub stats: Arc<IoStats>,
 }
 
 /// Runs queue `qid` of `dev` until the driver aborts it (device stopped or daemon
@@ -149,7 +152,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, setup: &QueueSetup) {
                 .collect(),
         ),
     };
-    let table = TagTable::new(ctx, bufs.data_bufs());
+    let table = TagTable::new(ctx, bufs.data_bufs()).counting_into(setup.stats.clone(), qid);
     let q = match q.submit_fetch_commands_unified(bufs.fetch_list()) {
         Ok(q) => q,
         Err(e) => {

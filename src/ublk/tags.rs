@@ -10,12 +10,14 @@
 
 use std::cell::RefCell;
 use std::sync::Arc;
+use std::time::Instant;
 
 use io_uring::{opcode, types};
 use libublk::sys;
 use tracing::{debug, warn};
 
 use crate::engine::{ReadPlan, ReadSource, WriteTicket};
+use crate::stats::{Direction, IoStats};
 
 use super::io::{
     bytes_result, neg_errno, outcome, push_op, retryable, DataBuf, IoCtx, Outcome, Piece, Pieces,
@@ -89,6 +91,8 @@ struct Slot {
     waiter: Option<Arc<Completion>>,
     /// Where the eventfd read lands.
     val: [u8; 8],
+    /// When the driver handed the request over (for its latency).
+    started: Instant,
 }
 
 /// The state machines of every tag of one queue.
@@ -98,6 +102,9 @@ pub struct TagTable {
     slots: Box<[RefCell<Slot>]>,
     /// Idle eventfds for blocking calls, reused from request to request.
     completions: RefCell<Vec<Arc<Completion>>>,
+    /// Where finished requests are counted, and this queue's index there.
+    stats: Arc<IoStats>,
+    qid: usize,
 }
 
 impl TagTable {
@@ -117,6 +124,7 @@ impl TagTable {
                     hold: Hold::Nothing,
                     waiter: None,
                     val: [0; 8],
+                    started: Instant::now(),
                 })
             })
             .collect();
@@ -124,7 +132,16 @@ impl TagTable {
             ctx,
             slots,
             completions: RefCell::new(Vec::new()),
+            stats: Arc::new(IoStats::new(1)),
+            qid: 0,
         }
+    }
+
+    /// The same table, counting finished requests as queue `qid` of `stats`.
+    pub fn counting_into(mut self, stats: Arc<IoStats>, qid: u16) -> TagTable {
+        self.stats = stats;
+        self.qid = usize::from(qid);
+        self
     }
 
     /// How many tags have a request in progress (ops or a worker call outstanding).
@@ -152,6 +169,7 @@ impl TagTable {
             s.req = req;
             s.err = 0;
             s.retries = 0;
+            s.started = Instant::now();
             self.begin(tag, &mut s)
         };
         if let Some(res) = res {
@@ -184,12 +202,17 @@ impl TagTable {
 
     /// Ends the request of `tag` with `res` and hands the result to the driver.
     fn finish(&self, tag: u16, res: i32, fin: &impl Finish) {
-        let req = {
+        let (req, started) = {
             let mut s = self.slots[usize::from(tag)].borrow_mut();
             s.stage = Stage::Idle;
             s.hold = Hold::Nothing;
-            s.req
+            (s.req, s.started)
         };
+        if let Some(dir) = direction(req.op) {
+            self.stats
+                .queue(self.qid)
+                .record(dir, req.len, res < 0, started.elapsed());
+        }
         if res < 0 {
             debug!(
                 tag,
@@ -408,6 +431,18 @@ impl TagTable {
     }
 }
 
+/// How a request of ublk op `op` is counted; None for ops the device does not serve.
+fn direction(op: u32) -> Option<Direction> {
+    match op {
+        sys::UBLK_IO_OP_READ => Some(Direction::Read),
+        sys::UBLK_IO_OP_WRITE => Some(Direction::Write),
+        sys::UBLK_IO_OP_FLUSH => Some(Direction::Flush),
+        sys::UBLK_IO_OP_DISCARD => Some(Direction::Discard),
+        sys::UBLK_IO_OP_WRITE_ZEROES => Some(Direction::WriteZeroes),
+        _ => None,
+    }
+}
+
 /// The worker call serving `req`, for the requests served by one.
 fn blocking_op(req: &Request) -> Option<BlockingOp> {
     let (offset, len) = (req.offset, req.len);
@@ -562,6 +597,43 @@ mod tests {
         assert!(buf[..4096].iter().all(|&b| b == 0));
         assert_eq!(&buf[4096..12288], &data[..]);
         assert!(buf[12288..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn finished_requests_are_counted_by_direction() {
+        let f = Fixture::new();
+        let stats = Arc::new(IoStats::new(2));
+        let mut buf = pattern(16384, 3);
+        let table = TagTable::new(f.ctx(), [copy_buf(&mut buf)]).counting_into(stats.clone(), 1);
+        let fin = Results::default();
+        let reqs = [
+            request(sys::UBLK_IO_OP_WRITE, 0, 8192),
+            request(sys::UBLK_IO_OP_WRITE, 4096, 4096),
+            request(sys::UBLK_IO_OP_READ, 0, 16384),
+            request(sys::UBLK_IO_OP_FLUSH, 0, 0),
+            request(sys::UBLK_IO_OP_DISCARD, 0, 4096),
+            // Past the end of the 1 MiB volume: refused, counted as an error.
+            request(sys::UBLK_IO_OP_WRITE, 1 << 20, 4096),
+        ];
+        for (i, r) in reqs.into_iter().enumerate() {
+            table.start(0, r, &fin);
+            drive(&table, &fin, i + 1);
+        }
+        let results: Vec<i32> = fin.0.borrow().iter().map(|&(_, r)| r).collect();
+        assert_eq!(&results[..5], &[8192, 4096, 16384, 0, 0]);
+        assert!(results[5] < 0, "{results:?}");
+        let s = stats.snapshot();
+        let w = &s["write"];
+        assert_eq!((w.requests, w.errors, w.bytes), (3, 1, 12288));
+        assert_eq!(w.latency.count(), 3);
+        let r = &s["read"];
+        assert_eq!((r.requests, r.errors, r.bytes), (1, 0, 16384));
+        assert_eq!(s["flush"].requests, 1);
+        assert_eq!((s["discard"].requests, s["discard"].bytes), (1, 4096));
+        assert_eq!(s["write_zeroes"].requests, 0);
+        // Only queue 1 counted: queue 0 of the same stats saw nothing.
+        assert_eq!(stats.queue(1).requests(), 6);
+        assert_eq!(stats.queue(0).requests(), 0);
     }
 
     #[test]

@@ -96,12 +96,13 @@ CSI_SOCK="$WORK/csi/csi.sock"
 CSI_STATE="$WORK/csi-state"
 CSI_NODE="vm-node"
 
-# start_csi NAME: starts the all-in-one driver (log in $RESULTS/NAME.log), waits until
-# its Probe answers; sets CSI_PID.
+# start_csi NAME [ARGS...]: starts the all-in-one driver with ARGS added (log in
+# $RESULTS/NAME.log), waits until its Probe answers; sets CSI_PID.
 start_csi() {
     local name="$1" deadline
+    shift
     "$SNAPBLK" csi all-in-one --endpoint "unix://$CSI_SOCK" --node-id "$CSI_NODE" \
-        --state-dir "$CSI_STATE" >>"$RESULTS/$name.log" 2>&1 &
+        --state-dir "$CSI_STATE" "$@" >>"$RESULTS/$name.log" 2>&1 &
     CSI_PID=$!
     deadline=$(($(date +%s) + 60))
     until "$BIN_DIR/csi-call" --endpoint "unix://$CSI_SOCK" probe >/dev/null 2>&1; do
