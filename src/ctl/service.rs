@@ -124,6 +124,9 @@ pub fn engine_error(e: EngineError) -> CtlError {
 /// The control service of one volume.
 pub struct VolumeService {
     volume: Volume,
+    /// The volume's canonical folder, reported by `status` so that clients can check they
+    /// reached the volume they name.
+    dir: PathBuf,
     device: Option<DeviceInfo>,
     /// Program run as the freeze watchdog (this binary), if any.
     watchdog: Option<PathBuf>,
@@ -154,8 +157,11 @@ impl VolumeService {
         if let Some(m) = &marker {
             freeze::thaw_leftovers(m);
         }
+        let dir =
+            std::fs::canonicalize(volume.dir()).unwrap_or_else(|_| volume.dir().to_path_buf());
         VolumeService {
             volume,
+            dir,
             device,
             watchdog,
             marker,
@@ -281,6 +287,7 @@ impl VolumeService {
     fn status(&self) -> Value {
         json!({
             "volume": self.volume.status(),
+            "dir": self.dir,
             "device": self.device,
             "frozen": self.manual.lock().as_ref().map(|(_, g)| g.mounts().to_vec()),
             "exposed": self.exposed_devices(),

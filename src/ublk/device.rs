@@ -96,6 +96,8 @@ pub(super) enum StopReason {
     QueuesEnded(usize),
     /// The daemon asked (a snapshot device being unexposed).
     Asked,
+    /// What the device needs once live (its control socket) could not be set up.
+    NotReady,
 }
 
 /// Default queue count: one per CPU, at most 4.
@@ -132,13 +134,14 @@ pub(super) fn check_options(opts: &ServeOptions) -> Result<()> {
 /// Serves `opts.volume_dir` as a ublk device until SIGTERM or SIGINT, then stops the
 /// device, flushes the volume and deletes the device. `ready` is called once the
 /// device is live, with the volume it serves (for the layers above, such as the control
-/// socket). Nothing is created when the volume cannot be opened.
+/// socket); when it fails, the device is stopped and removed at once and its error
+/// returned. Nothing is created when the volume cannot be opened.
 ///
 /// Must run on the process's main thread before it starts other threads: it blocks
 /// SIGTERM/SIGINT so that every thread it starts inherits the mask.
 pub fn serve<R>(opts: &ServeOptions, ready: R) -> Result<()>
 where
-    R: FnOnce(&ServingDevice, &Volume) + Send + Sync + 'static,
+    R: FnOnce(&ServingDevice, &Volume) -> std::result::Result<(), String> + Send + Sync + 'static,
 {
     check_options(opts)?;
     signals::block_stop_signals()?;
@@ -203,8 +206,14 @@ where
         pin_queues: opts.pin_queues,
     };
     let live_volume = volume.clone();
+    let not_ready: Arc<Mutex<Option<String>>> = Arc::default();
+    let why = not_ready.clone();
     let run = run_device(&ctrl, spec, move |exited, nr_queues| {
-        ready(&serving, &live_volume);
+        if let Err(e) = ready(&serving, &live_volume) {
+            error!(error = %e, "the device cannot be served as asked: stopping it");
+            *why.lock() = Some(e);
+            return StopReason::NotReady;
+        }
         wait_for_stop(exited, nr_queues)
     });
     let dev_id = info.dev_id;
@@ -226,6 +235,9 @@ where
     }
     match reason {
         Some(StopReason::QueuesEnded(n)) => Err(UblkLayerError::QueueFailed { dev_id, queues: n }),
+        Some(StopReason::NotReady) => Err(UblkLayerError::NotReady(
+            not_ready.lock().take().unwrap_or_default(),
+        )),
         _ => {
             info!("device removed, volume flushed");
             Ok(())
