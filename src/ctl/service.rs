@@ -430,6 +430,10 @@ impl VolumeService {
         Ok(json!({ "size": a.size, "device_resized": true }))
     }
 
+    fn device_path(&self) -> &Path {
+        Path::new(self.device.as_ref().map_or("", |d| d.path.as_str()))
+    }
+
     fn device_number(&self) -> Option<(u32, u32)> {
         self.device.as_ref().map(|d| (d.major, d.minor))
     }
@@ -448,7 +452,7 @@ impl VolumeService {
             (FreezeMode::None, _) => vec![],
             (FreezeMode::Auto, _) if manual_active => vec![],
             (FreezeMode::Auto, Some(dev)) => {
-                freeze::targets(dev, a.mount.as_deref().map(Path::new))?
+                freeze::targets(dev, self.device_path(), a.mount.as_deref().map(Path::new))?
             }
             (FreezeMode::Auto, None) => vec![],
         };
@@ -493,7 +497,8 @@ impl VolumeService {
 
     /// Freezes `mounts` with this service's watchdog and marker.
     fn freeze(&self, mounts: Vec<PathBuf>, timeout: Duration) -> Result<FreezeGuard, CtlError> {
-        FreezeGuard::freeze(
+        FreezeGuard::freeze_on(
+            self.device_number(),
             mounts,
             timeout,
             self.watchdog.as_deref(),
@@ -513,7 +518,7 @@ impl VolumeService {
                 "already frozen through this socket; thaw first",
             ));
         }
-        let mounts = freeze::targets(dev, a.mount.as_deref().map(Path::new))?;
+        let mounts = freeze::targets(dev, self.device_path(), a.mount.as_deref().map(Path::new))?;
         if mounts.is_empty() {
             return Err(CtlError::new(
                 ErrorCode::NotFound,

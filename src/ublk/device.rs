@@ -506,7 +506,8 @@ pub(super) fn stop_device(ctrl: &UblkCtrl, bdev_path: &str, reason: StopReason) 
             "stopping a device that is still mounted: syncing it first; afterwards it only \
              gets I/O errors; unmount it to release the device"
         );
-        for m in &mounted {
+        // Every mount of the device shares one file system: one sync writes it back.
+        if let Some(m) = mounted.first() {
             sync_mount(m);
         }
     }
