@@ -109,7 +109,10 @@ pub struct ServeArgs {
 
     /// Take over the device of a daemon that died (killed, crashed) instead of adding
     /// a new one: same /dev/ublkbN, requests held meanwhile are sent again. Queues,
-    /// depth and data mode are the device's.
+    /// depth and data mode are the device's. Only the device made for this volume is
+    /// taken over: each device carries a tag of its volume's id that the kernel keeps
+    /// with it (the device info's ublksrv_flags), checked even when libublk's json is
+    /// gone; a device of another volume is refused.
     #[arg(long)]
     pub recover: bool,
 

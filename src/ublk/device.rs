@@ -175,7 +175,7 @@ where
     let (ctrl, mode) = if opts.recover {
         recover_ctrl(opts, &volume, &volume_dir)?
     } else {
-        add_ctrl(opts, true)?
+        add_ctrl(opts, true, recover::volume_tag(&volume.id()))?
     };
     let info = ctrl.dev_info();
     if opts.dev_id.is_none() && !opts.recover {
@@ -391,7 +391,13 @@ pub fn resize_device(dev_id: u32, size: u64) -> Result<()> {
 
 /// Adds a new device with the flags the driver allows. Without `recovery` (snapshot
 /// devices), the device goes away with the daemon instead of waiting for a new one.
-pub(super) fn add_ctrl(opts: &ServeOptions, recovery: bool) -> Result<(UblkCtrl, DataMode)> {
+/// `tag` ([`recover::volume_tag`], 0 for none) is kept by the kernel with the device for
+/// its whole life, so `--recover` can check whose device it takes over.
+pub(super) fn add_ctrl(
+    opts: &ServeOptions,
+    recovery: bool,
+    tag: u64,
+) -> Result<(UblkCtrl, DataMode)> {
     let feats = features::query_driver_features();
     let mut chosen = features::choose_device_flags(feats, opts.force_copy);
     if !recovery {
@@ -419,6 +425,7 @@ pub(super) fn add_ctrl(opts: &ServeOptions, recovery: bool) -> Result<(UblkCtrl,
         .depth(opts.depth)
         .io_buf_bytes(MAX_IO_BYTES)
         .ctrl_flags(chosen.ctrl_flags)
+        .ctrl_target_flags(tag)
         .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV | UblkFlags::UBLK_DEV_F_DEL_DEV_ASYNC)
         .build()
         .map_err(|e| UblkLayerError::ublk("add device", e))?;
@@ -437,6 +444,13 @@ fn recover_ctrl(
         Span::current().record("dev_id", id);
     }
     let info = recover::wait_recoverable(id, volume.size(), volume.block_size())?;
+    recover::check_owner(
+        id,
+        info.ublksrv_flags,
+        recover::volume_tag(&volume.id()),
+        recover::recorded_for(id, volume_dir),
+        volume_dir,
+    )?;
     let id_i32 = i32::try_from(id)
         .map_err(|_| UblkLayerError::InvalidOption(format!("device id {id} is too large")))?;
     let old = UblkCtrl::new_simple(id_i32).map_err(|e| UblkLayerError::ublk("open device", e))?;
