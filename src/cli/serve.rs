@@ -183,7 +183,12 @@ pub fn ready_line(dev: &ServingDevice) -> String {
 
 /// Serves a volume; returns when the device has been removed.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let opts = args.options();
+    let mut opts = args.options();
+    // The volume by its canonical folder (`/x/vol/..` is named after what it resolves to);
+    // a folder that cannot be resolved is reported by the ublk layer as before.
+    if let Ok(dir) = std::fs::canonicalize(&args.dir) {
+        opts.volume_dir = dir;
+    }
     let control: ControlSlot = Arc::default();
     let slot = control.clone();
     let (force_copy, pin_queues) = (args.copy, args.pin_queues);
