@@ -40,10 +40,6 @@ PIDS="$PIDS $PID_A"
 start_serve "$WORK/b/vol1" serve-b
 PID_B=$SERVE_PID DEV_B=$DEV
 PIDS="$PIDS $PID_B"
-SOCK_A="$(default_sock "$WORK/a/vol1")"
-SOCK_B="$(default_sock "$WORK/b/vol1")"
-[ -S "$SOCK_A" ] || fail "no socket $SOCK_A for a/vol1: $(ls /run/snapblk)"
-[ -S "$SOCK_B" ] || fail "no socket $SOCK_B for b/vol1: $(ls /run/snapblk)"
 ! grep -qi "control socket not started" "$RESULTS/serve-b.log" || fail "b/vol1 serves without a control socket"
 
 for v in a b; do
@@ -55,6 +51,11 @@ for v in a b; do
     [ "$(json "d['dir']" <"$WORK/st-$v.json")" = "$(readlink -f "$WORK/$v/vol1")" ] ||
         fail "status of $v/vol1 names another folder: $(cat "$WORK/st-$v.json")"
 done
+
+SOCK_A="$(default_sock "$WORK/a/vol1")"
+SOCK_B="$(default_sock "$WORK/b/vol1")"
+[ -S "$SOCK_A" ] || fail "no socket $SOCK_A for a/vol1: $(ls /run/snapblk)"
+[ -S "$SOCK_B" ] || fail "no socket $SOCK_B for b/vol1: $(ls /run/snapblk)"
 
 info "a snapshot through -V b/vol1 lands in b only"
 "$SNAPBLK" snapshot create only-b -V "$WORK/b/vol1" --freeze none >/dev/null
