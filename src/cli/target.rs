@@ -92,6 +92,9 @@ pub fn resolve(volume: &str, socket: Option<&Path>) -> anyhow::Result<Target> {
     }
 }
 
+/// How long a daemon asked while searching by name may take to answer.
+const SCAN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The one daemon with a socket in `sockets` serving a volume named `name`.
 fn find_by_name(sockets: &Path, name: &str, want: &Expected) -> anyhow::Result<Target> {
     let mut found: Vec<(Client, PathBuf, String)> = Vec::new();
@@ -108,8 +111,11 @@ fn find_by_name(sockets: &Path, name: &str, want: &Expected) -> anyhow::Result<T
         let Ok(mut c) = Client::connect(&sock) else {
             continue;
         };
+        // A daemon still bringing its device up (or hung) must not hold the search.
+        c.set_reply_timeout(SCAN_TIMEOUT);
         if let Ok(st) = c.verify(&sock, want) {
             let dir = st["dir"].as_str().unwrap_or("?").to_string();
+            c.set_reply_timeout(crate::ctl::client::REPLY_TIMEOUT);
             found.push((c, sock, dir));
         }
     }

@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::protocol::{parse_reply, Command, CtlError, ErrorCode, ExportArgs, Request};
 
 /// How long the client waits for a reply (a snapshot with a long freeze timeout included).
-const REPLY_TIMEOUT: Duration = Duration::from_secs(330);
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(330);
 
 /// A connection to a daemon's control socket.
 pub struct Client {
@@ -51,6 +51,11 @@ impl Client {
             writer,
             next_id: 1,
         })
+    }
+
+    /// Sets how long to wait for each reply (a short wait suits probing many daemons).
+    pub fn set_reply_timeout(&mut self, timeout: Duration) {
+        let _ = self.reader.get_ref().set_read_timeout(Some(timeout));
     }
 
     /// Asks for an export stream: returns the daemon's description of it and the

@@ -165,6 +165,9 @@ impl Bound {
             listener: Some(listener),
         };
         set_access(path, &bound.access)?;
+        if !bound.access.is_root_only() {
+            warn_unsearchable(path);
+        }
         Ok(bound)
     }
 
@@ -231,6 +234,25 @@ impl Drop for Bound {
     fn drop(&mut self) {
         if self.listener.take().is_some() {
             let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Warns when a folder above the socket is not searchable by others: users allowed on
+/// the socket could not reach it (the folders are the administrator's to open).
+fn warn_unsearchable(path: &Path) {
+    for dir in path.ancestors().skip(1) {
+        let Ok(md) = std::fs::metadata(dir) else {
+            continue;
+        };
+        if md.permissions().mode() & 0o001 == 0 {
+            tracing::warn!(
+                socket = %path.display(),
+                folder = %dir.display(),
+                "the users allowed on the control socket may not reach it: its folder is not \
+                 searchable by others (chmod o+x, or an ACL)"
+            );
+            return;
         }
     }
 }
@@ -412,7 +434,24 @@ fn peer_groups(stream: &UnixStream) -> Vec<u32> {
             &mut len,
         )
     };
-    if rc != 0 {
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE) {
+        // More groups than room: the kernel said how much it needs.
+        groups = vec![0u32; len as usize / 4 + 1];
+        len = (groups.len() * 4) as libc::socklen_t;
+        // SAFETY: as above, with the larger buffer.
+        let again = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if again != 0 {
+            return Vec::new();
+        }
+    } else if rc != 0 {
         return Vec::new();
     }
     groups.truncate(len as usize / 4);
