@@ -8,7 +8,7 @@ use clap::Args;
 use parking_lot::Mutex;
 
 use crate::ctl::protocol::{CtlError, ErrorCode};
-use crate::ctl::server::{default_socket, Access, Limits, Server};
+use crate::ctl::server::{default_socket, Access, Bound, Limits, Server};
 use crate::ctl::service::{
     marker_path, DeviceInfo, DeviceResizer, Exposed, SnapshotExposer, VolumeService,
 };
@@ -110,7 +110,10 @@ pub struct ServeArgs {
 
     /// Take over the device of a daemon that died (killed, crashed) instead of adding
     /// a new one: same /dev/ublkbN, requests held meanwhile are sent again. Queues,
-    /// depth and data mode are the device's.
+    /// depth and data mode are the device's. Only the device made for this volume is
+    /// taken over: each device carries a tag of its volume's id that the kernel keeps
+    /// with it (the device info's ublksrv_flags), checked even when libublk's json is
+    /// gone; a device of another volume is refused.
     #[arg(long)]
     pub recover: bool,
 
@@ -134,16 +137,26 @@ pub struct ServeArgs {
     #[arg(long)]
     pub pin_queues: bool,
 
-    /// Control socket for snapshots, status and freezing (mode 0600)
-    /// [default: /run/snapblk/<volume name>.sock].
+    /// Control socket for snapshots, status and freezing [default:
+    /// /run/snapblk/<hash>.sock, named by a hash of the volume's canonical folder, which
+    /// `-V FOLDER` of the other commands finds]. The daemon binds it before it adds the
+    /// device and does not serve without it (a socket another daemon answers on is
+    /// refused). Mode 0600: only root (and the daemon's own user) may use it, unless
+    /// --allow-uid/--allow-gid say otherwise.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
 
-    /// Also let this uid use the control socket (root always may). Repeatable.
+    /// Also let this uid use the control socket. Repeatable. The socket then carries a
+    /// POSIX ACL granting each allowed uid and gid read and write (its file system must
+    /// support ACLs: tmpfs, ext4 and xfs do), and the daemon checks each client's
+    /// credentials (SO_PEERCRED) too. The socket's folders must be searchable by those
+    /// users (/run/snapblk is created 0755).
     #[arg(long, value_name = "UID")]
     pub allow_uid: Vec<u32>,
 
-    /// Also let peers whose primary gid is this use the control socket. Repeatable.
+    /// Also let members of this group (primary or supplementary) use the control socket.
+    /// Repeatable. With a single --allow-gid and no --allow-uid the socket gets that group
+    /// and mode 0660; otherwise a POSIX ACL, as for --allow-uid.
     #[arg(long, value_name = "GID")]
     pub allow_gid: Vec<u32>,
 }
@@ -171,34 +184,41 @@ pub fn ready_line(dev: &ServingDevice) -> String {
 
 /// Serves a volume; returns when the device has been removed.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let opts = args.options();
+    let mut opts = args.options();
+    // The volume by its canonical folder (`/x/vol/..` is named after what it resolves to);
+    // a folder that cannot be resolved is reported by the ublk layer as before.
+    if let Ok(dir) = std::fs::canonicalize(&args.dir) {
+        opts.volume_dir = dir;
+    }
     let control: ControlSlot = Arc::default();
     let slot = control.clone();
-    let socket = args.socket.clone();
     let (force_copy, pin_queues) = (args.copy, args.pin_queues);
     let access = Access {
         uids: args.allow_uid.clone(),
         gids: args.allow_gid.clone(),
     };
+    // The control socket is bound before the device is added: a daemon that cannot have
+    // its socket (another daemon answers on it, a bad path) serves nothing. Clients that
+    // connect meanwhile wait until the device is live.
+    let path = match &args.socket {
+        Some(p) => p.clone(),
+        None => default_socket(&args.dir)?,
+    };
+    let bound = bind_control(&path, access, args.recover)?;
     let result = ublk::serve(&opts, move |dev, volume, io| {
-        // The control socket comes up with the device; without it the device still
-        // serves, but snapshots need it, so say so loudly.
-        let path = socket.unwrap_or_else(|| default_socket(&dev.volume));
         let expose = ExposeOptions {
             force_copy,
             pin_queues,
             ..ExposeOptions::default()
         };
-        match start_control(dev, volume, io, &path, access, expose) {
-            Ok(server) => *slot.lock() = Some(server),
-            Err(e) => {
-                tracing::error!(socket = %path.display(), error = %e, "control socket not started: snapshots through the daemon are unavailable")
-            }
-        }
+        let server = start_control(dev, volume, io, bound, expose)
+            .map_err(|e| format!("control socket {}: {e}", path.display()))?;
+        *slot.lock() = Some(server);
         let mut out = std::io::stdout().lock();
         // A closed stdout must not stop the device: the line is informative.
         let _ = writeln!(out, "{}", ready_line(dev));
         let _ = out.flush();
+        Ok(())
     });
     // The socket and the snapshot devices go away with the device.
     if let Some((server, service)) = control.lock().take() {
@@ -209,14 +229,35 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long `--recover` waits for a dying predecessor to let go of its socket.
+const RECOVER_SOCKET_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Binds the control socket at `path`; with `recover`, waits a little for a dying
+/// predecessor to release it.
+fn bind_control(path: &std::path::Path, access: Access, recover: bool) -> anyhow::Result<Bound> {
+    let deadline = std::time::Instant::now() + RECOVER_SOCKET_WAIT;
+    loop {
+        match Bound::bind(path, access.clone()) {
+            Ok(b) => return Ok(b),
+            Err(e)
+                if e.code == ErrorCode::Busy && recover && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => anyhow::bail!("control socket {}: {e}; nothing was served", path.display()),
+        }
+    }
+}
+
 fn start_control(
     dev: &ServingDevice,
     volume: &Volume,
     io: &Arc<IoStats>,
-    path: &std::path::Path,
-    access: Access,
+    bound: Bound,
     expose: ExposeOptions,
 ) -> Result<(Server, Arc<VolumeService>), CtlError> {
+    let path = bound.path().to_path_buf();
+    let path = path.as_path();
     let (major, minor) =
         mountinfo::device_number(std::path::Path::new(&dev.bdev_path)).unwrap_or((0, 0));
     let device = DeviceInfo {
@@ -244,7 +285,7 @@ fn start_control(
         }))
         .with_io_stats(io.clone()),
     );
-    let server = Server::start(path, access, Limits::default(), service.clone())?;
+    let server = bound.serve(Limits::default(), service.clone())?;
     Ok((server, service))
 }
 

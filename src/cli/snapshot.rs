@@ -73,8 +73,10 @@ pub struct CreateArgs {
     pub name: String,
     #[command(flatten)]
     pub volume: VolumeArg,
-    /// auto: freeze the file systems mounted from the device; none: do not freeze
-    /// (crash-consistent; the only choice for NFS / ReadWriteMany consumers).
+    /// auto: freeze the file systems mounted from the device, found in every mount
+    /// namespace the daemon can see (refused when the device is in use but no mount of it
+    /// is found); none: do not freeze (crash-consistent; the only choice for NFS /
+    /// ReadWriteMany consumers).
     #[arg(long, value_enum, default_value_t)]
     pub freeze: FreezeMode,
     /// Freeze this mount point (must be mounted from the volume's device) instead of

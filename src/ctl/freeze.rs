@@ -14,7 +14,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::protocol::{CtlError, ErrorCode};
-use crate::sys::mountinfo::{self, Mount};
+use crate::sys::mountinfo::{self, Mount, SeenMount};
 
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
 const FITHAW: libc::c_ulong = 0xC004_5878;
@@ -28,8 +28,23 @@ pub enum Thawed {
     WasNotFrozen,
 }
 
-fn ioctl_path(path: &Path, req: libc::c_ulong) -> std::io::Result<()> {
+fn ioctl_path(path: &Path, req: libc::c_ulong, dev: Option<(u32, u32)>) -> std::io::Result<()> {
     let dir = File::open(path)?;
+    if let Some((major, minor)) = dev {
+        // Checked on the open descriptor: what is frozen is what was checked, even when
+        // the path leads through another mount namespace's root.
+        use std::os::unix::fs::MetadataExt;
+        let st = dir.metadata()?.dev();
+        if (libc::major(st), libc::minor(st)) != (major, minor) {
+            return Err(std::io::Error::other(format!(
+                "{} is not on the volume's device {major}:{minor} but on {}:{} (another file \
+                 system mounted over it?)",
+                path.display(),
+                libc::major(st),
+                libc::minor(st)
+            )));
+        }
+    }
     let mut arg: libc::c_int = 0;
     // SAFETY: FIFREEZE/FITHAW take an int argument; `dir` is an open descriptor.
     let rc = unsafe { libc::ioctl(dir.as_raw_fd(), req as _, &mut arg) };
@@ -42,7 +57,13 @@ fn ioctl_path(path: &Path, req: libc::c_ulong) -> std::io::Result<()> {
 
 /// Freezes the file system mounted at `path`.
 pub fn freeze(path: &Path) -> Result<(), CtlError> {
-    ioctl_path(path, FIFREEZE).map_err(|e| match e.raw_os_error() {
+    freeze_on(path, None)
+}
+
+/// Freezes the file system mounted at `path` after checking, when `dev` is given, that it
+/// lives on device `dev` (`major:minor`).
+pub fn freeze_on(path: &Path, dev: Option<(u32, u32)>) -> Result<(), CtlError> {
+    ioctl_path(path, FIFREEZE, dev).map_err(|e| match e.raw_os_error() {
         Some(libc::EBUSY) => CtlError::new(
             ErrorCode::AlreadyFrozen,
             format!("{} is already frozen by someone else; thaw it (fsfreeze -u) or retry later", path.display()),
@@ -64,7 +85,7 @@ pub fn freeze(path: &Path) -> Result<(), CtlError> {
 
 /// Thaws the file system mounted at `path`; thawing one that is not frozen is no error.
 pub fn thaw(path: &Path) -> Result<Thawed, CtlError> {
-    match ioctl_path(path, FITHAW) {
+    match ioctl_path(path, FITHAW, None) {
         Ok(()) => Ok(Thawed::Thawed),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Thawed::WasNotFrozen),
         Err(e) => Err(CtlError::new(
@@ -74,17 +95,89 @@ pub fn thaw(path: &Path) -> Result<Thawed, CtlError> {
     }
 }
 
-/// The mount points to freeze for device `major:minor` (or the one the caller named),
-/// one per file system, after refusing what cannot be frozen.
-pub fn targets(dev: (u32, u32), named: Option<&Path>) -> Result<Vec<PathBuf>, CtlError> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| CtlError::new(ErrorCode::Io, format!("reading /proc/self/mountinfo: {e}")))?;
-    choose_targets(
-        &mountinfo::parse(&text),
-        &mountinfo::nfs_exports(),
-        dev,
-        named,
-    )
+/// The mount points to freeze for device `major:minor` (node `device`), or the one the
+/// caller named, one per file system, after refusing what cannot be frozen. Without a
+/// named mount, the device's mounts are looked up in every mount namespace this process
+/// can see (the consumer's is seldom the daemon's: see
+/// [`mountinfo::of_device_everywhere`]); when none is found although the device is held
+/// open exclusively (a file system mounted where this process cannot see it), the freeze
+/// is refused rather than silently skipped.
+pub fn targets(
+    dev: (u32, u32),
+    device: &Path,
+    named: Option<&Path>,
+) -> Result<Vec<PathBuf>, CtlError> {
+    if named.is_some() {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| {
+            CtlError::new(ErrorCode::Io, format!("reading /proc/self/mountinfo: {e}"))
+        })?;
+        return choose_targets(
+            &mountinfo::parse(&text),
+            &mountinfo::nfs_exports(),
+            dev,
+            named,
+        );
+    }
+    let seen = mountinfo::of_device_everywhere(dev.0, dev.1);
+    let busy = seen.is_empty() && mountinfo::held_exclusively(device);
+    let holders = if busy {
+        device
+            .file_name()
+            .map(|n| mountinfo::holders(&n.to_string_lossy()))
+            .unwrap_or_default()
+    } else {
+        vec![]
+    };
+    choose_seen(&seen, &mountinfo::nfs_exports(), device, busy, &holders)
+}
+
+/// [`targets`] without a named mount, over the mounts seen in every namespace, whether
+/// the device is held exclusively, and the devices stacked on it.
+fn choose_seen(
+    seen: &[SeenMount],
+    exports: &[PathBuf],
+    device: &Path,
+    busy: bool,
+    holders: &[String],
+) -> Result<Vec<PathBuf>, CtlError> {
+    for m in seen {
+        if let Some(e) = exports.iter().find(|e| e.starts_with(&m.mount.mount_point)) {
+            return Err(nfs_refusal(&format!(
+                "{} (on this volume) is exported over NFS",
+                e.display()
+            )));
+        }
+    }
+    if let Some(first) = seen.first() {
+        // All mounts of one device share one file system: freezing one freezes all. The
+        // daemon's own namespace comes first, then PID 1's.
+        return Ok(vec![first.access.clone()]);
+    }
+    if !busy {
+        return Ok(vec![]);
+    }
+    let what = if holders.is_empty() {
+        "no mount of it is visible in any mount namespace this daemon can see (its own, the \
+         host's through /proc/1, those of other processes through /proc/PID): a file system \
+         may be mounted in a namespace no visible process is in, or a program holds the \
+         device exclusively"
+            .to_string()
+    } else {
+        format!(
+            "it is held by {} (a device-mapper or md device on top: freeze the file system \
+             on that device instead)",
+            holders.join(", ")
+        )
+    };
+    Err(CtlError::new(
+        ErrorCode::FreezeUnsupported,
+        format!(
+            "{} is in use, but {what}. Refusing --freeze auto rather than taking a snapshot \
+             that is only crash-consistent without saying so: name the mount point with \
+             --mount, or use --freeze none for a crash-consistent snapshot",
+            device.display()
+        ),
+    ))
 }
 
 /// [`targets`] over a parsed mount table and the NFS export list.
@@ -158,6 +251,8 @@ fn nfs_refusal(what: &str) -> CtlError {
 /// when this process dies.
 pub struct FreezeGuard {
     mounts: Vec<PathBuf>,
+    /// The device the mounts must be on, checked on the descriptor frozen.
+    device: Option<(u32, u32)>,
     marker: Option<PathBuf>,
     watchdog: Option<(Child, ChildStdin)>,
     deadline: Instant,
@@ -173,8 +268,21 @@ impl FreezeGuard {
         watchdog: Option<&Path>,
         marker: Option<PathBuf>,
     ) -> Result<FreezeGuard, CtlError> {
+        Self::freeze_on(None, mounts, timeout, watchdog, marker)
+    }
+
+    /// [`FreezeGuard::freeze`], checking that each mount is on device `device`
+    /// (`major:minor`) before freezing it.
+    pub fn freeze_on(
+        device: Option<(u32, u32)>,
+        mounts: Vec<PathBuf>,
+        timeout: Duration,
+        watchdog: Option<&Path>,
+        marker: Option<PathBuf>,
+    ) -> Result<FreezeGuard, CtlError> {
         let deadline = Instant::now() + timeout;
         let mut guard = FreezeGuard {
+            device,
             mounts: vec![],
             marker,
             watchdog: None,
@@ -196,7 +304,7 @@ impl FreezeGuard {
             guard.watchdog = Some(spawn_watchdog(program, &mounts, timeout)?);
         }
         for m in mounts {
-            freeze(&m)?;
+            freeze_on(&m, guard.device)?;
             guard.mounts.push(m);
             if Instant::now() >= guard.deadline {
                 return Err(CtlError::new(
@@ -433,18 +541,89 @@ mod tests {
         );
     }
 
+    const NO_DEVICE: &str = "/nonexistent/ublkb99";
+
     #[test]
     fn a_mount_of_another_device_is_refused() {
-        let e = targets((u32::MAX, u32::MAX), Some(Path::new("/proc"))).expect_err("accepted");
+        let none = Path::new(NO_DEVICE);
+        let e =
+            targets((u32::MAX, u32::MAX), none, Some(Path::new("/proc"))).expect_err("accepted");
         assert_eq!(e.code, ErrorCode::NotFound, "{e:?}");
-        let e = targets((1, 1), Some(Path::new("/definitely/not/mounted"))).expect_err("accepted");
+        let e = targets((1, 1), none, Some(Path::new("/definitely/not/mounted")))
+            .expect_err("accepted");
         assert_eq!(e.code, ErrorCode::NotFound);
+    }
+
+    fn seen(pid: Option<u32>, mount_point: &str, access: &str) -> SeenMount {
+        SeenMount {
+            mount: Mount {
+                major: 259,
+                minor: 7,
+                root: "/".into(),
+                mount_point: mount_point.into(),
+                fstype: "ext4".into(),
+                source: "/dev/ublkb0".into(),
+            },
+            access: access.into(),
+            pid,
+        }
+    }
+
+    #[test]
+    fn mounts_in_other_namespaces_are_frozen_through_their_root() {
+        let dev = Path::new("/dev/ublkb0");
+        let host = seen(Some(1), "/mnt/data", "/proc/1/root/mnt/data");
+        assert_eq!(
+            choose_seen(std::slice::from_ref(&host), &[], dev, true, &[]).expect("ok"),
+            vec![PathBuf::from("/proc/1/root/mnt/data")]
+        );
+        // The daemon's own namespace comes first when it has one.
+        let own = seen(None, "/stage", "/stage");
+        assert_eq!(
+            choose_seen(&[own, host.clone()], &[], dev, true, &[]).expect("ok"),
+            vec![PathBuf::from("/stage")]
+        );
+        let e = choose_seen(&[host], &[PathBuf::from("/mnt/data")], dev, true, &[])
+            .expect_err("exported");
+        assert_eq!(e.code, ErrorCode::NfsNotFreezable);
+    }
+
+    #[test]
+    fn a_device_in_use_without_a_visible_mount_refuses_auto() {
+        let dev = Path::new("/dev/ublkb0");
+        // Not in use: nothing to freeze, crash-consistent by nature.
+        assert!(choose_seen(&[], &[], dev, false, &[])
+            .expect("ok")
+            .is_empty());
+        let e = choose_seen(&[], &[], dev, true, &[]).expect_err("silently unfrozen");
+        assert_eq!(e.code, ErrorCode::FreezeUnsupported);
+        for want in [
+            "/dev/ublkb0 is in use",
+            "--freeze none",
+            "--mount",
+            "namespace",
+        ] {
+            assert!(e.message.contains(want), "{want}: {}", e.message);
+        }
+        let e = choose_seen(&[], &[], dev, true, &["dm-3".into()]).expect_err("held");
+        assert!(e.message.contains("held by dm-3"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_path_on_another_device_is_not_frozen() {
+        // /proc is not on device 1:1 (nor can it be frozen): refused before any ioctl.
+        let e = freeze_on(Path::new("/proc"), Some((1, 1))).expect_err("froze");
+        assert!(
+            e.message.contains("not on the volume's device"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
     fn no_mounts_means_nothing_to_freeze() {
         assert_eq!(
-            targets((u32::MAX, u32::MAX), None).expect("lookup"),
+            targets((u32::MAX, u32::MAX), Path::new(NO_DEVICE), None).expect("lookup"),
             Vec::<PathBuf>::new()
         );
         let g =

@@ -1,8 +1,13 @@
-//! The control socket server: a Unix socket (mode 0600) accepting JSON-line requests from
-//! root or the uids/gids allowed on the command line (checked with SO_PEERCRED). It runs
-//! on its own thread with a small tokio runtime, so neither slow clients nor blocking
-//! operations can stall the ublk queues or each other.
+//! The control socket server: a Unix socket accepting JSON-line requests from root or the
+//! uids/gids allowed on the command line. Two gates, so neither alone is trusted: the
+//! socket file's permissions let exactly the allowed users connect (mode 0600; group and
+//! 0660 for a single `--allow-gid`; a POSIX ACL naming each allowed uid and gid
+//! otherwise), and the server checks each peer's credentials (SO_PEERCRED and
+//! SO_PEERGROUPS) and answers `permission_denied` to anyone else. It runs on its own thread
+//! with a small tokio runtime, so neither slow clients nor blocking operations can stall
+//! the ublk queues or each other.
 
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +46,7 @@ impl Default for Limits {
     }
 }
 
-/// Who may talk to the socket besides root.
+/// Who may talk to the socket besides root (and the daemon's own user).
 #[derive(Debug, Clone, Default)]
 pub struct Access {
     pub uids: Vec<u32>,
@@ -51,13 +56,48 @@ pub struct Access {
 impl Access {
     /// Whether a peer with `uid` and primary `gid` may use the socket.
     pub fn allows(&self, uid: u32, gid: u32) -> bool {
-        uid == 0 || self.uids.contains(&uid) || self.gids.contains(&gid)
+        self.allows_groups(uid, gid, &[])
+    }
+
+    /// Whether a peer with `uid`, primary `gid` and supplementary `groups` may use the
+    /// socket: a member of an allowed group passes the file's permissions, so it must pass
+    /// here too.
+    pub fn allows_groups(&self, uid: u32, gid: u32, groups: &[u32]) -> bool {
+        uid == 0
+            || self.uids.contains(&uid)
+            || self.gids.contains(&gid)
+            || groups.iter().any(|g| self.gids.contains(g))
+    }
+
+    /// True when only root may use the socket.
+    pub fn is_root_only(&self) -> bool {
+        self.uids.is_empty() && self.gids.is_empty()
     }
 }
 
-/// Default socket path for volume `name`.
-pub fn default_socket(name: &str) -> PathBuf {
-    PathBuf::from("/run/snapblk").join(format!("{name}.sock"))
+/// Folder of the daemons' default control sockets.
+pub const SOCKET_DIR: &str = "/run/snapblk";
+
+/// Default control socket of the volume in folder `dir`: `/run/snapblk/<hash>.sock`, named
+/// by a hash of the canonical folder, so that two volumes with the same folder name never
+/// share a socket, `..` cannot lead outside the folder, and the name always fits a socket
+/// address (108 bytes). Fails when the folder cannot be resolved.
+pub fn default_socket(dir: &Path) -> Result<PathBuf, CtlError> {
+    let canon = std::fs::canonicalize(dir).map_err(|e| {
+        CtlError::new(
+            ErrorCode::NotFound,
+            format!("cannot resolve the volume folder {}: {e}", dir.display()),
+        )
+    })?;
+    Ok(socket_in(Path::new(SOCKET_DIR), &canon))
+}
+
+/// The socket in folder `sockets` of the volume whose canonical folder is `canon`.
+pub fn socket_in(sockets: &Path, canon: &Path) -> PathBuf {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(canon.as_os_str().as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    sockets.join(format!("{hex}.sock"))
 }
 
 /// A running control server; dropping it stops it and removes the socket.
@@ -67,22 +107,43 @@ pub struct Server {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Server {
-    /// Binds `path` and serves `service` on a new thread. Refuses to take over a socket
-    /// another live daemon listens on.
-    pub fn start(
-        path: &Path,
-        access: Access,
-        limits: Limits,
-        service: Arc<VolumeService>,
-    ) -> Result<Server, CtlError> {
+/// A control socket bound (clients may already connect and wait) but not answering yet:
+/// the daemon binds it before it adds its device, so a socket it cannot have stops it
+/// before anything is served, and starts answering once the device is live. Dropping it
+/// removes the socket.
+pub struct Bound {
+    path: PathBuf,
+    access: Access,
+    listener: Option<std::os::unix::net::UnixListener>,
+}
+
+impl Bound {
+    /// Binds `path` with the permissions `access` needs (see the module's comment).
+    /// Refuses to take over a socket another live daemon listens on, and a path that is
+    /// not a socket.
+    pub fn bind(path: &Path, access: Access) -> Result<Bound, CtlError> {
         let io = |what: &str, e: std::io::Error| {
             CtlError::new(ErrorCode::Io, format!("{what} {}: {e}", path.display()))
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| io("creating the folder of", e))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .map_err(|e| io("creating the folder of", e))?;
         }
-        if path.exists() {
+        if let Ok(md) = path.symlink_metadata() {
+            use std::os::unix::fs::FileTypeExt;
+            if !md.file_type().is_socket() {
+                return Err(CtlError::new(
+                    ErrorCode::AlreadyExists,
+                    format!(
+                        "{} exists and is not a socket; not replacing it",
+                        path.display()
+                    ),
+                ));
+            }
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(CtlError::new(
                     ErrorCode::Busy,
@@ -91,10 +152,49 @@ impl Server {
             }
             std::fs::remove_file(path).map_err(|e| io("removing the stale socket", e))?;
         }
-        let std_listener =
-            std::os::unix::net::UnixListener::bind(path).map_err(|e| io("binding", e))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| io("setting the mode of", e))?;
+        // Nobody but the owner may connect until the permissions below are set.
+        // SAFETY: umask only changes this process's file creation mask.
+        let old_mask = unsafe { libc::umask(0o177) };
+        let bound = std::os::unix::net::UnixListener::bind(path);
+        // SAFETY: as above, restoring the previous mask.
+        unsafe { libc::umask(old_mask) };
+        let listener = bound.map_err(|e| io("binding", e))?;
+        let bound = Bound {
+            path: path.to_path_buf(),
+            access,
+            listener: Some(listener),
+        };
+        set_access(path, &bound.access)?;
+        if !bound.access.is_root_only() {
+            warn_unsearchable(path);
+        }
+        Ok(bound)
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Starts answering on a new thread with `service`.
+    pub fn serve(
+        mut self,
+        limits: Limits,
+        service: Arc<VolumeService>,
+    ) -> Result<Server, CtlError> {
+        let path = self.path.clone();
+        let io = |what: &str, e: std::io::Error| {
+            CtlError::new(ErrorCode::Io, format!("{what} {}: {e}", path.display()))
+        };
+        let std_listener = self
+            .listener
+            .take()
+            .ok_or_else(|| CtlError::new(ErrorCode::Internal, "the socket is served already"))?;
+        let mut server = Server {
+            path: path.clone(),
+            stop: None,
+            thread: None,
+        };
         std_listener
             .set_nonblocking(true)
             .map_err(|e| io("configuring", e))?;
@@ -104,6 +204,7 @@ impl Server {
             .max_blocking_threads(8)
             .build()
             .map_err(|e| io("starting the runtime for", e))?;
+        let access = self.access.clone();
         let thread = std::thread::Builder::new()
             .name("snapblk-ctl".into())
             .spawn(move || {
@@ -122,12 +223,140 @@ impl Server {
                 });
             })
             .map_err(|e| io("starting the thread for", e))?;
+        server.stop = Some(tx);
+        server.thread = Some(thread);
         tracing::info!(socket = %path.display(), "control socket listening");
-        Ok(Server {
-            path: path.to_path_buf(),
-            stop: Some(tx),
-            thread: Some(thread),
-        })
+        Ok(server)
+    }
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        if self.listener.take().is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Warns when a folder above the socket is not searchable by others: users allowed on
+/// the socket could not reach it (the folders are the administrator's to open).
+fn warn_unsearchable(path: &Path) {
+    for dir in path.ancestors().skip(1) {
+        let Ok(md) = std::fs::metadata(dir) else {
+            continue;
+        };
+        if md.permissions().mode() & 0o001 == 0 {
+            tracing::warn!(
+                socket = %path.display(),
+                folder = %dir.display(),
+                "the users allowed on the control socket may not reach it: its folder is not \
+                 searchable by others (chmod o+x, or an ACL)"
+            );
+            return;
+        }
+    }
+}
+
+/// Sets the socket's owner group, mode and ACL so that exactly root, the daemon's user and
+/// `access` may connect.
+fn set_access(path: &Path, access: &Access) -> Result<(), CtlError> {
+    let io = |what: &str, e: std::io::Error| {
+        CtlError::new(ErrorCode::Io, format!("{what} {}: {e}", path.display()))
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| io("setting the mode of", e))?;
+    if access.is_root_only() {
+        return Ok(());
+    }
+    if access.uids.is_empty() && access.gids.len() == 1 {
+        let gid = access.gids[0];
+        std::os::unix::fs::lchown(path, None, Some(gid))
+            .map_err(|e| io(&format!("giving group {gid}"), e))?;
+        return std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(|e| io("setting the mode of", e));
+    }
+    let acl = access_acl(&access.uids, &access.gids);
+    let name = c"system.posix_acl_access";
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        CtlError::new(
+            ErrorCode::BadRequest,
+            format!("{} contains a NUL byte", path.display()),
+        )
+    })?;
+    // SAFETY: both strings are NUL-terminated and live; `acl` is a live buffer of its length.
+    let rc = unsafe {
+        libc::lsetxattr(
+            cpath.as_ptr(),
+            name.as_ptr(),
+            acl.as_ptr().cast(),
+            acl.len(),
+            0,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        let hint = if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            ": its file system does not support POSIX ACLs, which --allow-uid (or several \
+             --allow-gid) needs; put the socket on one that does (tmpfs, ext4, xfs), or allow \
+             a single group with --allow-gid"
+        } else {
+            ""
+        };
+        return Err(CtlError::new(
+            ErrorCode::Io,
+            format!(
+                "setting the access list of {} for uids {:?} and gids {:?}: {e}{hint}",
+                path.display(),
+                access.uids,
+                access.gids
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The `system.posix_acl_access` value giving read and write to the owner, each of `uids`
+/// and `gids`, and nobody else (entries in the order the kernel requires).
+pub fn access_acl(uids: &[u32], gids: &[u32]) -> Vec<u8> {
+    const USER_OBJ: u16 = 0x01;
+    const USER: u16 = 0x02;
+    const GROUP_OBJ: u16 = 0x04;
+    const GROUP: u16 = 0x08;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    const UNDEFINED: u32 = u32::MAX;
+    const RW: u16 = 0o6;
+    let sorted = |ids: &[u32]| {
+        let mut v = ids.to_vec();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let mut entries = vec![(USER_OBJ, RW, UNDEFINED)];
+    entries.extend(sorted(uids).into_iter().map(|u| (USER, RW, u)));
+    entries.push((GROUP_OBJ, 0, UNDEFINED));
+    entries.extend(sorted(gids).into_iter().map(|g| (GROUP, RW, g)));
+    entries.push((MASK, RW, UNDEFINED));
+    entries.push((OTHER, 0, UNDEFINED));
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out
+}
+
+impl Server {
+    /// Binds `path` and serves `service` on a new thread ([`Bound::bind`], then
+    /// [`Bound::serve`]).
+    pub fn start(
+        path: &Path,
+        access: Access,
+        limits: Limits,
+        service: Arc<VolumeService>,
+    ) -> Result<Server, CtlError> {
+        Bound::bind(path, access)?.serve(limits, service)
     }
 
     /// The socket's path.
@@ -187,6 +416,48 @@ async fn accept_loop(
     }
 }
 
+/// SO_PEERGROUPS (Linux 4.13+; the same number on every architecture this builds for).
+const SO_PEERGROUPS: libc::c_int = 59;
+
+/// The peer's supplementary groups when it connected; empty if the kernel cannot say.
+fn peer_groups(stream: &UnixStream) -> Vec<u32> {
+    use std::os::fd::AsRawFd;
+    let mut groups = vec![0u32; 256];
+    let mut len = (groups.len() * 4) as libc::socklen_t;
+    // SAFETY: the buffer is live and `len` is its size in bytes; the kernel writes at most that.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERGROUPS,
+            groups.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE) {
+        // More groups than room: the kernel said how much it needs.
+        groups = vec![0u32; len as usize / 4 + 1];
+        len = (groups.len() * 4) as libc::socklen_t;
+        // SAFETY: as above, with the larger buffer.
+        let again = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if again != 0 {
+            return Vec::new();
+        }
+    } else if rc != 0 {
+        return Vec::new();
+    }
+    groups.truncate(len as usize / 4);
+    groups
+}
+
 async fn refuse(mut stream: UnixStream, e: CtlError, limits: Limits) {
     let line = reply(&Value::Null, Err(e)) + "\n";
     let _ = tokio::time::timeout(limits.write_timeout, stream.write_all(line.as_bytes())).await;
@@ -207,13 +478,19 @@ async fn serve_connection(
         }
     };
     let (uid, gid) = (cred.uid(), cred.gid());
-    if !access.allows(uid, gid) {
-        tracing::warn!(conn, uid, gid, pid = ?cred.pid(), "control socket: peer refused");
+    let groups = peer_groups(&stream);
+    // SAFETY: geteuid has no preconditions.
+    let own = uid == unsafe { libc::geteuid() };
+    if !own && !access.allows_groups(uid, gid, &groups) {
+        tracing::warn!(conn, uid, gid, ?groups, pid = ?cred.pid(), "control socket: peer refused");
         refuse(
             stream,
             CtlError::new(
                 ErrorCode::PermissionDenied,
-                format!("uid {uid} gid {gid} may not use this socket"),
+                format!(
+                    "uid {uid} (gid {gid}) may not use this control socket: only root and the \
+                     users and groups allowed with `snapblk serve --allow-uid/--allow-gid` may"
+                ),
             ),
             limits,
         )
@@ -390,5 +667,67 @@ async fn send(
     match tokio::time::timeout(limits.write_timeout, wr.write_all(&buf)).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_are_named_by_the_canonical_folder() {
+        let dir = Path::new("/run/snapblk");
+        let a = socket_in(dir, Path::new("/a/vol1"));
+        let b = socket_in(dir, Path::new("/b/vol1"));
+        assert_ne!(a, b, "two folders named vol1 share a socket");
+        assert_eq!(a, socket_in(dir, Path::new("/a/vol1")));
+        for p in [&a, &b] {
+            assert_eq!(p.parent(), Some(dir));
+            assert!(
+                p.as_os_str().len() < 108,
+                "{} is too long for sun_path",
+                p.display()
+            );
+        }
+        // `..` is resolved before naming: the socket stays in the socket folder and is the
+        // one of the folder it resolves to.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let sub = tmp.path().join("x");
+        std::fs::create_dir(&sub).expect("mkdir");
+        let up = default_socket(&sub.join("..")).expect("resolve");
+        assert_eq!(up.parent(), Some(Path::new(SOCKET_DIR)));
+        assert_eq!(up, default_socket(tmp.path()).expect("resolve"));
+        let long = PathBuf::from(format!("/{}", "d/".repeat(2000)));
+        assert!(socket_in(dir, &long).as_os_str().len() < 108);
+        let e = default_socket(&tmp.path().join("missing")).expect_err("resolved a missing folder");
+        assert!(e.message.contains("missing"), "{}", e.message);
+    }
+
+    #[test]
+    fn the_acl_lists_owner_users_groups_mask_and_other_in_order() {
+        let acl = access_acl(&[1001, 1000, 1000], &[50]);
+        let entries: Vec<(u16, u16, u32)> = acl[4..]
+            .chunks(8)
+            .map(|c| {
+                (
+                    u16::from_le_bytes([c[0], c[1]]),
+                    u16::from_le_bytes([c[2], c[3]]),
+                    u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+                )
+            })
+            .collect();
+        assert_eq!(&acl[..4], &2u32.to_le_bytes());
+        assert_eq!(
+            entries,
+            vec![
+                (0x01, 6, u32::MAX),
+                (0x02, 6, 1000),
+                (0x02, 6, 1001),
+                (0x04, 0, u32::MAX),
+                (0x08, 6, 50),
+                (0x10, 6, u32::MAX),
+                (0x20, 0, u32::MAX),
+            ]
+        );
     }
 }

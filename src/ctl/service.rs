@@ -126,6 +126,9 @@ pub fn engine_error(e: EngineError) -> CtlError {
 /// The control service of one volume.
 pub struct VolumeService {
     volume: Volume,
+    /// The volume's canonical folder, reported by `status` so that clients can check they
+    /// reached the volume they name.
+    dir: PathBuf,
     device: Option<DeviceInfo>,
     /// Program run as the freeze watchdog (this binary), if any.
     watchdog: Option<PathBuf>,
@@ -165,8 +168,11 @@ impl VolumeService {
         if let Some(m) = &marker {
             freeze::thaw_leftovers(m);
         }
+        let dir =
+            std::fs::canonicalize(volume.dir()).unwrap_or_else(|_| volume.dir().to_path_buf());
         VolumeService {
             volume,
+            dir,
             device,
             watchdog,
             marker,
@@ -309,6 +315,7 @@ impl VolumeService {
     fn status(&self) -> Value {
         json!({
             "volume": self.volume.status(),
+            "dir": self.dir,
             "device": self.device,
             "frozen": self.manual.lock().as_ref().map(|(_, g, _)| g.mounts().to_vec()),
             "exposed": self.exposed_devices(),
@@ -466,6 +473,10 @@ impl VolumeService {
         Ok(json!({ "size": a.size, "device_resized": true }))
     }
 
+    fn device_path(&self) -> &Path {
+        Path::new(self.device.as_ref().map_or("", |d| d.path.as_str()))
+    }
+
     fn device_number(&self) -> Option<(u32, u32)> {
         self.device.as_ref().map(|d| (d.major, d.minor))
     }
@@ -484,7 +495,7 @@ impl VolumeService {
             (FreezeMode::None, _) => vec![],
             (FreezeMode::Auto, _) if manual_active => vec![],
             (FreezeMode::Auto, Some(dev)) => {
-                freeze::targets(dev, a.mount.as_deref().map(Path::new))?
+                freeze::targets(dev, self.device_path(), a.mount.as_deref().map(Path::new))?
             }
             (FreezeMode::Auto, None) => vec![],
         };
@@ -533,7 +544,8 @@ impl VolumeService {
 
     /// Freezes `mounts` with this service's watchdog and marker.
     fn freeze(&self, mounts: Vec<PathBuf>, timeout: Duration) -> Result<FreezeGuard, CtlError> {
-        FreezeGuard::freeze(
+        FreezeGuard::freeze_on(
+            self.device_number(),
             mounts,
             timeout,
             self.watchdog.as_deref(),
@@ -553,7 +565,7 @@ impl VolumeService {
                 "already frozen through this socket; thaw first",
             ));
         }
-        let mounts = freeze::targets(dev, a.mount.as_deref().map(Path::new))?;
+        let mounts = freeze::targets(dev, self.device_path(), a.mount.as_deref().map(Path::new))?;
         if mounts.is_empty() {
             return Err(CtlError::new(
                 ErrorCode::NotFound,

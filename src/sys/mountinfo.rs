@@ -92,6 +92,105 @@ pub fn at(path: &Path) -> std::io::Result<Option<Mount>> {
         .find(|m| m.mount_point == path))
 }
 
+/// A mount of a device in some mount namespace, with a path this process can open to
+/// reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenMount {
+    /// The mount as its namespace's mountinfo shows it.
+    pub mount: Mount,
+    /// Its mount point as seen from here: the mount point itself in this process's
+    /// namespace, `/proc/PID/root/<mount point>` in another.
+    pub access: PathBuf,
+    /// The process whose mount namespace holds it; None for this process's own.
+    pub pid: Option<u32>,
+}
+
+/// The mount namespace of process `pid` ("self" for this one), as `mnt:[inode]`.
+fn mount_namespace(pid: &str) -> Option<std::ffi::OsString> {
+    std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+        .ok()
+        .map(PathBuf::into_os_string)
+}
+
+/// Mounts of device `major:minor` in every mount namespace this process can see: its own
+/// first, then PID 1's (the host's, where the kubelet and most consumers mount), then
+/// those of every other process, one process per namespace. A daemon in a container or a
+/// CSI node plugin does not share its consumer's mount namespace; FIFREEZE through
+/// `/proc/PID/root/<mount point>` reaches the file system all the same.
+pub fn of_device_everywhere(major: u32, minor: u32) -> Vec<SeenMount> {
+    let own = mount_namespace("self");
+    let mut seen: Vec<std::ffi::OsString> = own.clone().into_iter().collect();
+    let mut out: Vec<SeenMount> = of_device(major, minor)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| SeenMount {
+            access: m.mount_point.clone(),
+            mount: m,
+            pid: None,
+        })
+        .collect();
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.sort_unstable();
+    // PID 1 first: its root never goes away while the system runs.
+    pids.retain(|&p| p != 1);
+    pids.insert(0, 1);
+    for pid in pids {
+        let Some(ns) = mount_namespace(&pid.to_string()) else {
+            continue;
+        };
+        if seen.contains(&ns) {
+            continue;
+        }
+        seen.push(ns);
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+            continue;
+        };
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        out.extend(
+            parse(&text)
+                .into_iter()
+                .filter(|m| m.major == major && m.minor == minor)
+                .map(|m| SeenMount {
+                    access: root.join(m.mount_point.strip_prefix("/").unwrap_or(&m.mount_point)),
+                    mount: m,
+                    pid: Some(pid),
+                }),
+        );
+    }
+    out
+}
+
+/// Whether block device node `path` is open exclusively (a mounted file system holds it
+/// so, as do device-mapper, md and mkfs): opening it with O_EXCL fails with EBUSY.
+pub fn held_exclusively(path: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
+    }
+}
+
+/// The devices stacked on block device `name` (`ublkb0`): device-mapper, md...
+pub fn holders(name: &str) -> Vec<String> {
+    std::fs::read_dir(format!("/sys/class/block/{name}/holders"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// True for NFS client mounts, which no local freeze can make consistent.
 pub fn is_nfs(m: &Mount) -> bool {
     m.fstype == "nfs" || m.fstype == "nfs4"

@@ -97,6 +97,8 @@ pub(super) enum StopReason {
     QueuesEnded(usize),
     /// The daemon asked (a snapshot device being unexposed).
     Asked,
+    /// What the device needs once live (its control socket) could not be set up.
+    NotReady,
 }
 
 /// Default queue count: one per CPU, at most 4.
@@ -133,14 +135,18 @@ pub(super) fn check_options(opts: &ServeOptions) -> Result<()> {
 /// Serves `opts.volume_dir` as a ublk device until SIGTERM or SIGINT, then stops the
 /// device, flushes the volume and deletes the device. `ready` is called once the
 /// device is live, with the volume it serves and the counters of its requests (for the
-/// layers above, such as the control socket). Nothing is created when the volume cannot
-/// be opened.
+/// layers above, such as the control socket); when it fails, the device is stopped and
+/// removed at once and its error returned. Nothing is created when the volume cannot be
+/// opened.
 ///
 /// Must run on the process's main thread before it starts other threads: it blocks
 /// SIGTERM/SIGINT so that every thread it starts inherits the mask.
 pub fn serve<R>(opts: &ServeOptions, ready: R) -> Result<()>
 where
-    R: FnOnce(&ServingDevice, &Volume, &Arc<IoStats>) + Send + Sync + 'static,
+    R: FnOnce(&ServingDevice, &Volume, &Arc<IoStats>) -> std::result::Result<(), String>
+        + Send
+        + Sync
+        + 'static,
 {
     check_options(opts)?;
     signals::block_stop_signals()?;
@@ -174,7 +180,7 @@ where
     let (ctrl, mode) = if opts.recover {
         recover_ctrl(opts, &volume, &volume_dir)?
     } else {
-        add_ctrl(opts, true)?
+        add_ctrl(opts, true, recover::volume_tag(&volume.id()))?
     };
     let info = ctrl.dev_info();
     if opts.dev_id.is_none() && !opts.recover {
@@ -207,8 +213,14 @@ where
         stats: stats.clone(),
     };
     let live_volume = volume.clone();
+    let not_ready: Arc<Mutex<Option<String>>> = Arc::default();
+    let why = not_ready.clone();
     let run = run_device(&ctrl, spec, move |exited, nr_queues| {
-        ready(&serving, &live_volume, &stats);
+        if let Err(e) = ready(&serving, &live_volume, &stats) {
+            error!(error = %e, "the device cannot be served as asked: stopping it");
+            *why.lock() = Some(e);
+            return StopReason::NotReady;
+        }
         wait_for_stop(exited, nr_queues)
     });
     let dev_id = info.dev_id;
@@ -230,6 +242,9 @@ where
     }
     match reason {
         Some(StopReason::QueuesEnded(n)) => Err(UblkLayerError::QueueFailed { dev_id, queues: n }),
+        Some(StopReason::NotReady) => Err(UblkLayerError::NotReady(
+            not_ready.lock().take().unwrap_or_default(),
+        )),
         _ => {
             info!("device removed, volume flushed");
             Ok(())
@@ -386,7 +401,13 @@ pub fn resize_device(dev_id: u32, size: u64) -> Result<()> {
 
 /// Adds a new device with the flags the driver allows. Without `recovery` (snapshot
 /// devices), the device goes away with the daemon instead of waiting for a new one.
-pub(super) fn add_ctrl(opts: &ServeOptions, recovery: bool) -> Result<(UblkCtrl, DataMode)> {
+/// `tag` ([`recover::volume_tag`], 0 for none) is kept by the kernel with the device for
+/// its whole life, so `--recover` can check whose device it takes over.
+pub(super) fn add_ctrl(
+    opts: &ServeOptions,
+    recovery: bool,
+    tag: u64,
+) -> Result<(UblkCtrl, DataMode)> {
     let feats = features::query_driver_features();
     let mut chosen = features::choose_device_flags(feats, opts.force_copy);
     if !recovery {
@@ -414,6 +435,7 @@ pub(super) fn add_ctrl(opts: &ServeOptions, recovery: bool) -> Result<(UblkCtrl,
         .depth(opts.depth)
         .io_buf_bytes(MAX_IO_BYTES)
         .ctrl_flags(chosen.ctrl_flags)
+        .ctrl_target_flags(tag)
         .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV | UblkFlags::UBLK_DEV_F_DEL_DEV_ASYNC)
         .build()
         .map_err(|e| UblkLayerError::ublk("add device", e))?;
@@ -432,6 +454,13 @@ fn recover_ctrl(
         Span::current().record("dev_id", id);
     }
     let info = recover::wait_recoverable(id, volume.size(), volume.block_size())?;
+    recover::check_owner(
+        id,
+        info.ublksrv_flags,
+        recover::volume_tag(&volume.id()),
+        recover::recorded_for(id, volume_dir),
+        volume_dir,
+    )?;
     let id_i32 = i32::try_from(id)
         .map_err(|_| UblkLayerError::InvalidOption(format!("device id {id} is too large")))?;
     let old = UblkCtrl::new_simple(id_i32).map_err(|e| UblkLayerError::ublk("open device", e))?;
@@ -501,7 +530,8 @@ pub(super) fn stop_device(ctrl: &UblkCtrl, bdev_path: &str, reason: StopReason) 
             "stopping a device that is still mounted: syncing it first; afterwards it only \
              gets I/O errors; unmount it to release the device"
         );
-        for m in &mounted {
+        // Every mount of the device shares one file system: one sync writes it back.
+        if let Some(m) = mounted.first() {
             sync_mount(m);
         }
     }

@@ -49,6 +49,11 @@ pub enum UblkLayerError {
         source: EngineError,
     },
 
+    /// The device went live but what it needs then (its control socket) failed: it was
+    /// stopped and removed again.
+    #[error("the device was removed again: {0}")]
+    NotReady(String),
+
     /// A queue thread ended on its own (device removed from outside, or a queue error).
     #[error("device {dev_id}: {queues} queue(s) stopped unexpectedly; see the log")]
     QueueFailed { dev_id: u32, queues: usize },

@@ -211,7 +211,7 @@ fn run_exposed(
     let span =
         info_span!("ublk", dev_id = tracing::field::Empty, volume = %volume.name(), snapshot);
     let _g = span.enter();
-    let (ctrl, mode) = match add_ctrl(opts, false) {
+    let (ctrl, mode) = match add_ctrl(opts, false, 0) {
         Ok(c) => c,
         Err(e) => {
             let _ = ready.send(Err(e));

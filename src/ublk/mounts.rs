@@ -4,18 +4,18 @@ use std::path::Path;
 
 use crate::sys::mountinfo;
 
-/// Where the block device node `path` is mounted in this mount namespace.
+/// Where the block device node `path` is mounted, in this mount namespace or any other
+/// this process can see (as paths that reach the mount from here: see
+/// [`mountinfo::of_device_everywhere`]), so that a consumer in another namespace is synced
+/// too before the device stops.
 pub fn mount_points(path: &Path) -> Vec<String> {
     let Some((major, minor)) = mountinfo::device_number(path) else {
         return Vec::new();
     };
-    mountinfo::of_device(major, minor)
-        .map(|ms| {
-            ms.into_iter()
-                .map(|m| m.mount_point.display().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
+    mountinfo::of_device_everywhere(major, minor)
+        .into_iter()
+        .map(|m| m.access.display().to_string())
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,5 +1,9 @@
 //! Taking over a device whose daemon died (`--recover`): finding it through libublk's
-//! per-device json, and checking that it waits for a new daemon and fits the volume.
+//! per-device json, and checking that it waits for a new daemon, fits the volume, and was
+//! made for this very volume. The last check does not trust the json (a file under /run
+//! that may be gone or stale): each device carries its volume's tag in the
+//! `ublksrv_flags` of its device info, which the kernel keeps unchanged from ADD_DEV to
+//! the device's deletion, daemon deaths included.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -99,6 +103,56 @@ pub fn choose_device(volume_dir: &Path, requested: Option<u32>) -> Result<u32> {
             volume_dir.display()
         ))),
     }
+}
+
+/// The identity tag of volume `volume_id` stored with its device: 64 bits of the SHA-256
+/// of the id, never 0 (0 marks a device without a tag: a snapshot device, or one made by
+/// an older snapblk).
+pub fn volume_tag(volume_id: &str) -> u64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(volume_id.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_le_bytes(b).max(1)
+}
+
+/// Whether libublk's json of device `id` names the volume in `volume_dir`.
+pub fn recorded_for(id: u32, volume_dir: &Path) -> bool {
+    read_device_json(&run_dir(), id)
+        .and_then(|v| volume_of_device_json(&v))
+        .as_deref()
+        == Some(volume_dir)
+}
+
+/// Checks that device `id`, whose device info carries `found` (its `ublksrv_flags`), was
+/// made for the volume whose tag is `want`. A device without a tag (made by an older
+/// snapblk) is accepted only when libublk's json names this volume (`recorded`).
+pub fn check_owner(
+    id: u32,
+    found: u64,
+    want: u64,
+    recorded: bool,
+    volume_dir: &Path,
+) -> Result<()> {
+    if found == want || (found == 0 && recorded) {
+        return Ok(());
+    }
+    let why = if found == 0 {
+        format!(
+            "it carries no volume identity (made by an older snapblk, or not by snapblk) and \
+             no record under {} says it serves this volume",
+            run_dir().display()
+        )
+    } else {
+        format!(
+            "it was made for another volume (identity tag {found:#018x}; this volume's is \
+             {want:#018x})"
+        )
+    };
+    Err(UblkLayerError::Recover(format!(
+        "device {id} is not the device of volume {}: {why}; refusing to take it over",
+        volume_dir.display()
+    )))
 }
 
 /// Whether process `pid` exists.
@@ -219,6 +273,25 @@ mod tests {
         assert_eq!(find_devices_for_volume(tmp.path(), b), vec![3]);
         assert!(find_devices_for_volume(tmp.path(), Path::new("/vols/c")).is_empty());
         assert!(find_devices_for_volume(Path::new("/nonexistent/run"), a).is_empty());
+    }
+
+    #[test]
+    fn only_the_volume_s_own_device_is_taken_over() {
+        let dir = Path::new("/vols/a");
+        let a = volume_tag("0123456789abcdef0123456789abcdef");
+        let b = volume_tag("fedcba9876543210fedcba9876543210");
+        assert_ne!(a, b);
+        assert_ne!(a, 0);
+        assert_eq!(a, volume_tag("0123456789abcdef0123456789abcdef"));
+        check_owner(3, a, a, false, dir).expect("its own device, json gone");
+        let e = check_owner(3, b, a, false, dir).expect_err("another volume's device");
+        assert!(e.to_string().contains("made for another volume"), "{e}");
+        // Even a json naming this volume does not override the kernel's tag.
+        check_owner(3, b, a, true, dir).expect_err("stale json");
+        // Untagged (older) devices need the json.
+        check_owner(3, 0, a, true, dir).expect("older device recorded for this volume");
+        let e = check_owner(3, 0, a, false, dir).expect_err("unverifiable");
+        assert!(e.to_string().contains("no volume identity"), "{e}");
     }
 
     #[test]
