@@ -370,7 +370,7 @@ impl Layer {
                 .then(|| st.map.clone());
             (touched, present, zeroed, compact, mark)
         };
-        let result = (|| {
+        let result: Result<()> = (|| {
             super::fsutil::sync_data(&self.data, &self.data_path)?;
             match &compact {
                 Some(map) => {
@@ -411,7 +411,7 @@ impl Layer {
                 self.state.write().touched |= touched;
                 // A simulated crash is a test's way of stopping the process, not a disk
                 // error: the test reopens the volume after it.
-                if !matches!(e, EngineError::InjectedCrash(_)) {
+                if !e.is_injected_crash() {
                     tracing::error!(layer = self.id, file = %self.data_path.display(), error = %e, "flush failed: every later flush of this volume fails until it is reopened");
                     self.failed.lock().get_or_insert_with(|| e.to_string());
                 }
