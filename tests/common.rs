@@ -11,6 +11,52 @@ pub fn scratch() -> tempfile::TempDir {
     scratch_dir()
 }
 
+/// A scratch folder for volumes whose volatile journals stay where a production daemon
+/// keeps them: in /dev/shm, named as in production, but inside a folder of this test
+/// process's own (`SNAPBLK_VLOG_DIR`), so parallel tests never collide and a sweep of the
+/// folder sees exactly this process's journals. Returns the volumes' folder and the
+/// journals' folder. Use it for every test of a binary (the setting is per process).
+pub fn scratch_with_shm_journals() -> (tempfile::TempDir, &'static Path) {
+    static JOURNALS: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    extern "C" fn remove_journals() {
+        if let Some(d) = JOURNALS.get() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    let journals = JOURNALS.get_or_init(|| {
+        let base = if Path::new("/dev/shm").is_dir() {
+            std::path::PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("snapblk-test-journals")
+            .tempdir_in(base)
+            .expect("a folder for volatile journals")
+            .keep();
+        // Statics are never dropped: remove the folder when the test process exits.
+        // SAFETY: registers a function that takes no arguments and does not unwind.
+        unsafe { libc::atexit(remove_journals) };
+        dir
+    });
+    std::env::set_var("SNAPBLK_VLOG_DIR", journals);
+    (scratch_dir(), journals.as_path())
+}
+
+/// The volatile journals in `dir`, sorted.
+pub fn journals_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|e| {
+            e.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".vlog"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
 fn scratch_dir() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {

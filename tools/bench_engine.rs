@@ -405,7 +405,8 @@ fn map_volume(vdir: &Path) -> Result<Volume, String> {
 fn mark_written(vol: &Volume, block: u64) -> Result<(), String> {
     vol.begin_write(block * BS, BS)
         .map_err(|e| e.to_string())?
-        .complete();
+        .complete()
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
 

@@ -79,9 +79,7 @@ pub fn destroy(dir: &Path) -> Result<()> {
     drop(lock);
     if let Some(m) = manifest {
         let layers_dir = doomed.join(layer::LAYERS_DIR);
-        for l in &m.layers {
-            let _ = fs::remove_file(vlog::path_for(&m.volume_id, l.id, &layers_dir));
-        }
+        vlog::remove_stale(&m.volume_id, &layers_dir, &[]);
     }
     fs::remove_dir_all(&doomed).map_err(|e| EngineError::io(&doomed, e))?;
     tracing::info!(volume = %dir.display(), "removed volume");

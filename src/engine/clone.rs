@@ -80,6 +80,7 @@ impl Volume {
                 .map(|l| LayerEntry {
                     id: l.id,
                     merge_pending: false,
+                    incarnation: None,
                     ancestor: match meta.manifest.snapshots.iter().find(|s| s.layer == l.id) {
                         Some(s) => Some(Ancestor {
                             volume_id: source_id.clone(),
@@ -98,6 +99,7 @@ impl Volume {
                 id: head_id,
                 merge_pending: false,
                 ancestor: None,
+                incarnation: Some(super::vlog::new_incarnation()),
             });
             let m = Manifest {
                 format: FORMAT,

@@ -65,7 +65,8 @@ pub enum EngineError {
     /// A snapshot of that name exists already.
     #[error("a snapshot named {0:?} already exists")]
     SnapshotExists(String),
-    /// A crash simulated by the test hooks in [`crate::engine::faults`].
+    /// A crash simulated by the test hooks in `crate::engine::faults` (test builds only).
+    #[cfg(any(test, feature = "fault-injection"))]
     #[error("simulated crash at {0}")]
     InjectedCrash(&'static str),
 }
@@ -80,15 +81,25 @@ impl EngineError {
             | EngineError::InvalidName(_)
             | EngineError::Unrelated(_) => libc::EINVAL,
             EngineError::Io { err, .. } => err.raw_os_error().unwrap_or(libc::EIO),
-            EngineError::Corrupt { .. }
-            | EngineError::UnsupportedVersion { .. }
-            | EngineError::InjectedCrash(_) => libc::EIO,
+            EngineError::Corrupt { .. } | EngineError::UnsupportedVersion { .. } => libc::EIO,
+            #[cfg(any(test, feature = "fault-injection"))]
+            EngineError::InjectedCrash(_) => libc::EIO,
             EngineError::NotAVolume { .. }
             | EngineError::SnapshotNotFound(_)
             | EngineError::SnapshotIdNotFound(_) => libc::ENOENT,
             EngineError::AlreadyExists { .. } | EngineError::SnapshotExists(_) => libc::EEXIST,
             EngineError::Busy { .. } => libc::EBUSY,
         }
+    }
+
+    /// True for a crash simulated by the test hooks: a test's way of stopping the process,
+    /// not a disk error (always false in a production build).
+    pub(crate) fn is_injected_crash(&self) -> bool {
+        #[cfg(any(test, feature = "fault-injection"))]
+        if matches!(self, EngineError::InjectedCrash(_)) {
+            return true;
+        }
+        false
     }
 
     /// Wraps an I/O error with the path it happened on.

@@ -18,7 +18,7 @@ use roaring::RoaringBitmap;
 use super::error::{EngineError, Result};
 use super::layermap::LayerMap;
 use super::maplog::MapLog;
-use super::vlog::{self, Change, VolatileLog};
+use super::vlog::{self, Change, RecordError, VolatileLog};
 
 /// Folder of the layer files inside a volume folder.
 pub const LAYERS_DIR: &str = "layers";
@@ -51,21 +51,27 @@ impl LayerState {
         self.vlog.as_ref().is_some_and(VolatileLog::wants_flush)
     }
 
-    /// Records a change of blocks `[start, end)` in the map, the pending set and the
-    /// volatile journal.
-    pub fn change(&mut self, kind: Change, start: u32, end: u64) {
+    /// Records a change of blocks `[start, end)` in the volatile journal, then in the map
+    /// and the pending set. Nothing changes when the journal cannot record it.
+    pub fn change(
+        &mut self,
+        kind: Change,
+        start: u32,
+        end: u64,
+    ) -> std::result::Result<(), RecordError> {
         let Some(range) = super::extent::span(start, end) else {
-            return;
+            return Ok(());
         };
+        if let Some(v) = &mut self.vlog {
+            v.record(kind, *range.start(), *range.end())?;
+        }
         match kind {
             Change::Written => self.map.mark_written(start, end),
             Change::Zeroed => self.map.mark_zeroed(start, end),
             Change::Cleared => self.map.clear(start, end),
         }
-        if let Some(v) = &mut self.vlog {
-            v.record(kind, *range.start(), *range.end());
-        }
         self.touched.insert_range(range);
+        Ok(())
     }
 }
 
@@ -143,22 +149,30 @@ impl Layer {
         }
     }
 
-    /// Creates the files of a new, empty head layer. Only their folder entries must be made
-    /// durable (sync the layers folder) before anything refers to the layer: the data file's
-    /// size and the journal's header become durable with the layer's first flush, and
-    /// [`Layer::open_head`] accepts a head whose creation a crash left incomplete.
+    /// Creates the files of a new, empty head layer, whose volatile journal carries
+    /// `incarnation` (the manifest must name the layer with it before any write to it is
+    /// acknowledged). Only their folder entries must be made durable (sync the layers
+    /// folder) before anything refers to the layer: the data file's size and the journal's
+    /// header become durable with the layer's first flush, and [`Layer::open_head`]
+    /// accepts a head whose creation a crash left incomplete.
     pub fn create_head(
         dir: &Path,
         id: u64,
         size: u64,
         direct: bool,
         volume_id: &str,
+        incarnation: &str,
     ) -> Result<Layer> {
+        let inc = incarnation_bytes(dir, id, incarnation)?;
         let dpath = data_path(dir, id);
         let data = open_data(&dpath, direct, Some(size))?;
         let log = MapLog::create(&map_path(dir, id), id)?;
-        let (vlog, _) =
-            VolatileLog::open(&vlog::path_for(volume_id, id, &dir.join(LAYERS_DIR)), id)?;
+        let vlog = VolatileLog::create(
+            &vlog::path_for(volume_id, id, &dir.join(LAYERS_DIR)),
+            id,
+            &inc,
+            vlog::budget(),
+        )?;
         let state = LayerState {
             vlog: Some(vlog),
             ..LayerState::default()
@@ -181,14 +195,18 @@ impl Layer {
         ))
     }
 
-    /// Opens the head layer `id`, replaying its journal.
+    /// Opens the head layer `id` (or a layer whose seal a crash interrupted), replaying
+    /// its map journal and the volatile journal of its incarnation `incarnation`.
     pub fn open_head(
         dir: &Path,
         id: u64,
         size: u64,
+        block_size: u32,
         direct: bool,
         volume_id: &str,
+        incarnation: &str,
     ) -> Result<Layer> {
+        let inc = incarnation_bytes(dir, id, incarnation)?;
         let dpath = data_path(dir, id);
         let data = open_data(&dpath, direct, None)?;
         let len = data
@@ -211,8 +229,13 @@ impl Layer {
         let (log, replayed) = MapLog::open_head(&map_path(dir, id), id)?;
         let mut map = replayed.map;
         // Changes acknowledged by a daemon that died before flushing them (same boot only).
-        let (vlog, changes) =
-            VolatileLog::open(&vlog::path_for(volume_id, id, &dir.join(LAYERS_DIR)), id)?;
+        let (vlog, changes) = VolatileLog::open(
+            &vlog::path_for(volume_id, id, &dir.join(LAYERS_DIR)),
+            id,
+            &inc,
+            size / u64::from(block_size),
+            vlog::budget(),
+        )?;
         let touched = vlog::apply(&mut map, &changes);
         if !changes.is_empty() {
             tracing::info!(
@@ -370,7 +393,7 @@ impl Layer {
                 .then(|| st.map.clone());
             (touched, present, zeroed, compact, mark)
         };
-        let result = (|| {
+        let result: Result<()> = (|| {
             super::fsutil::sync_data(&self.data, &self.data_path)?;
             match &compact {
                 Some(map) => {
@@ -411,13 +434,58 @@ impl Layer {
                 self.state.write().touched |= touched;
                 // A simulated crash is a test's way of stopping the process, not a disk
                 // error: the test reopens the volume after it.
-                if !matches!(e, EngineError::InjectedCrash(_)) {
+                if !e.is_injected_crash() {
                     tracing::error!(layer = self.id, file = %self.data_path.display(), error = %e, "flush failed: every later flush of this volume fails until it is reopened");
                     self.failed.lock().get_or_insert_with(|| e.to_string());
                 }
                 Err(e)
             }
         }
+    }
+
+    /// Records a change of blocks `[start, end)` (data already in the file), before it is
+    /// acknowledged; returns whether a flush is advised. When the volatile journal is
+    /// full (no flush kept up), flushes here and records again: the journal never drops
+    /// a change it has not seen covered. Fails, and the change must not be acknowledged,
+    /// when shared memory is full or the forced flush fails.
+    pub fn record(&self, kind: Change, start: u32, end: u64) -> Result<bool> {
+        for _ in 0..4 {
+            let mut st = self.state.write();
+            match st.change(kind, start, end) {
+                Ok(()) => return Ok(st.wants_flush()),
+                Err(RecordError::Full) => {
+                    drop(st);
+                    tracing::info!(
+                        layer = self.id,
+                        "volatile journal full: flushing to make room"
+                    );
+                    self.flush(false)?;
+                }
+                Err(RecordError::NoSpace(e)) => {
+                    let path = st
+                        .vlog
+                        .as_ref()
+                        .map(|v| v.path().to_path_buf())
+                        .unwrap_or_else(|| self.data_path.clone());
+                    drop(st);
+                    // Shared memory is full: flush, and go on in the part of the ring
+                    // already reserved.
+                    self.flush(false)?;
+                    let mut st = self.state.write();
+                    if st.vlog.as_mut().is_some_and(VolatileLog::rewind) {
+                        tracing::warn!(layer = self.id, file = %path.display(), error = %e, "no room in shared memory to grow the volatile journal: flushing more often");
+                        continue;
+                    }
+                    tracing::error!(layer = self.id, file = %path.display(), error = %e, "no room in shared memory for the volatile journal: write refused; free /dev/shm or lower {}", vlog::BUDGET_ENV);
+                    // The raw error, so the request fails with ENOSPC.
+                    return Err(EngineError::io(path, e));
+                }
+            }
+        }
+        Err(EngineError::io(
+            &self.data_path,
+            std::io::Error::other("the volatile journal stays full after flushing"),
+        ))
     }
 
     /// Why a flush of this layer failed, if one did.
@@ -443,6 +511,16 @@ impl Layer {
     pub fn present_blocks(&self) -> u64 {
         self.state.read().map.present.len()
     }
+}
+
+/// The bytes of layer `id`'s incarnation, or a corruption report naming the manifest.
+fn incarnation_bytes(dir: &Path, id: u64, incarnation: &str) -> Result<[u8; 16]> {
+    vlog::parse_incarnation(incarnation).ok_or_else(|| {
+        EngineError::corrupt(
+            super::manifest::Manifest::path(dir),
+            format!("layer {id} has a malformed incarnation {incarnation:?}"),
+        )
+    })
 }
 
 fn check_size(f: &File, path: &Path, size: u64) -> Result<()> {

@@ -48,21 +48,18 @@ impl Volume {
     }
 
     /// Removes the volatile journals of layers sealed since (their changes are in their
-    /// sealed map journals).
+    /// sealed map journals). Under the metadata lock, so no cut is making a new head's
+    /// journal meanwhile: every journal but those of the unsealed layers is stale.
     fn remove_sealed_vlogs(&self) {
-        let volume_id = self.inner.meta.lock().manifest.volume_id.clone();
-        let stack = self.stack();
-        let sealed = stack
+        let meta = self.inner.meta.lock();
+        let layers_dir = self.inner.dir.join(layer::LAYERS_DIR);
+        let keep: Vec<_> = self
+            .stack()
             .iter()
-            .filter(|l| l.sealed.load(std::sync::atomic::Ordering::SeqCst))
-            .map(|l| l.id);
-        let head = stack.last().map(|l| l.id).unwrap_or(0);
-        super::vlog::remove_stale(
-            &volume_id,
-            sealed,
-            head,
-            &self.inner.dir.join(layer::LAYERS_DIR),
-        );
+            .filter(|l| !l.sealed.load(std::sync::atomic::Ordering::SeqCst))
+            .map(|l| super::vlog::path_for(&meta.manifest.volume_id, l.id, &layers_dir))
+            .collect();
+        super::vlog::remove_stale(&meta.manifest.volume_id, &layers_dir, &keep);
     }
 
     /// Frees the blocks of `lower` that the live `upper` covers durably: nothing can read
@@ -212,6 +209,14 @@ impl Volume {
             .layer_pos(ids[0])
             .ok_or_else(|| EngineError::Invalid(format!("layer {} is gone", ids[0])))?;
         let keep_pending = m.layers[first + ids.len() - 1].merge_pending;
+        if m.layers[first..first + ids.len()]
+            .iter()
+            .any(|l| l.id == m.layers[m.layers.len() - 1].id)
+        {
+            return Err(EngineError::Invalid(
+                "a merge may not replace the head layer".into(),
+            ));
+        }
         m.layers.splice(
             first..first + ids.len(),
             [super::manifest::LayerEntry {
@@ -219,6 +224,8 @@ impl Volume {
                 merge_pending: keep_pending,
                 // Only a volume's own layers are merged; inherited ones never are.
                 ancestor: None,
+                // Merged layers are sealed: no volatile journal.
+                incarnation: None,
             }],
         );
         edit(&mut m);

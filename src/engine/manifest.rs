@@ -7,7 +7,8 @@
 //! Format changelog: version 1, the first; later within version 1, the optional `size` of
 //! snapshot entries (volumes can grow; see docs/engine.md); later still, the optional
 //! `ancestor` of layer entries (the lineage of clones, for changed-block tracking across
-//! a restore).
+//! a restore); later still, the optional `incarnation` of layer entries (the volatile
+//! journal a layer may replay).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,11 @@ pub struct LayerEntry {
     /// Absent for a volume's own layers and in manifests written before clones kept it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ancestor: Option<Ancestor>,
+    /// For the head, and for a layer whose seal may not have finished: the random value
+    /// its volatile journal must carry to be replayed (32 hex digits). A journal left by
+    /// any other layer, even one with the same id, is never trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<String>,
 }
 
 /// A snapshot of an earlier volume of a clone's lineage: its volume's `volume_id` and its
@@ -171,6 +177,11 @@ impl Manifest {
                     ));
                 }
             }
+            if let Some(inc) = &l.incarnation {
+                if super::vlog::parse_incarnation(inc).is_none() {
+                    return Err(format!("layer {} has a malformed incarnation", l.id));
+                }
+            }
             if l.id >= self.next_layer_id {
                 return Err(format!(
                     "layer {} is not below next_layer_id {}",
@@ -278,11 +289,13 @@ mod tests {
                     id: 1,
                     merge_pending: false,
                     ancestor: None,
+                    incarnation: None,
                 },
                 LayerEntry {
                     id: 2,
                     merge_pending: false,
                     ancestor: None,
+                    incarnation: None,
                 },
             ],
             snapshots: vec![SnapshotEntry {

@@ -15,7 +15,10 @@ mod cbt;
 mod clone;
 mod error;
 mod extent;
+#[cfg(any(test, feature = "fault-injection"))]
 pub mod faults;
+#[cfg(not(any(test, feature = "fault-injection")))]
+mod faults;
 mod fsutil;
 mod layer;
 mod layermap;

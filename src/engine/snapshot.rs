@@ -15,6 +15,31 @@ use super::manifest::{LayerEntry, SnapshotEntry};
 use super::plan;
 use super::volume::{check_request, now_ms, read_plan, Meta, Stack, Volume};
 
+/// A moment between two steps of a cut where a test may stop it (nothing to do in a
+/// production build).
+fn fault_point(what: &'static str) -> Result<()> {
+    super::faults::crash_point(what)
+}
+
+/// Removes the files of layer `id`, which no manifest names (best effort: the next open
+/// removes what is left).
+fn remove_layer_files(dir: &std::path::Path, volume_id: &str, id: u64) {
+    let layers_dir = dir.join(layer::LAYERS_DIR);
+    for p in [
+        layer::data_path(dir, id),
+        layer::map_path(dir, id),
+        super::vlog::path_for(volume_id, id, &layers_dir),
+    ] {
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %p.display(), error = %e, "cannot remove a layer file of a failed cut")
+            }
+        }
+    }
+}
+
 /// What a snapshot is, as listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
@@ -54,7 +79,15 @@ pub fn validate_snapshot_name(name: &str) -> Result<()> {
 
 impl Volume {
     /// Takes a snapshot called `name`: the volume's content with every write acknowledged
-    /// before the call. Copies no data; new writes go to a new head at once and never wait.
+    /// before the call. Copies no data; writes never wait for it (they only go on to the
+    /// new head once the manifest names it).
+    ///
+    /// Order, so that every acknowledged write is, at every instant, in a layer the
+    /// manifest names together with the volatile journal that holds it (the daemon may
+    /// die anywhere): create the new head's files; commit the manifest naming the new head
+    /// and the old head below it, both with their incarnations; only then switch writes to
+    /// the new head; drain and seal the old one; remove its volatile journal. A failed
+    /// commit switches nothing: writes keep going to the old head and the snapshot fails.
     pub fn create_snapshot(&self, name: &str) -> Result<CutReport> {
         validate_snapshot_name(name)?;
         let t0 = Instant::now();
@@ -62,26 +95,42 @@ impl Volume {
         if meta.manifest.snapshot(name).is_some() {
             return Err(EngineError::SnapshotExists(name.to_string()));
         }
+        // Seals a layer a failed cut left unsealed, and refuses after a failed data sync
+        // (that snapshot could not be made durable).
+        self.seal_pending(&mut meta)?;
+        if let Some(why) = self.stack().iter().find_map(|l| l.flush_failure()) {
+            return Err(EngineError::io(
+                &self.inner.dir,
+                std::io::Error::other(format!(
+                    "an earlier flush failed ({why}): no snapshot until the volume is reopened"
+                )),
+            ));
+        }
         let new_id = meta.take_layer_id();
+        let incarnation = super::vlog::new_incarnation();
         // The size only changes under the metadata lock, held here.
         let size = meta.manifest.size;
-        let new_head = Arc::new(Layer::create_head(
+        let layers_dir = self.inner.dir.join(layer::LAYERS_DIR);
+        let volume_id = meta.manifest.volume_id.clone();
+        let new_head = match Layer::create_head(
             &self.inner.dir,
             new_id,
             size,
             self.inner.direct,
-            &meta.manifest.volume_id,
-        )?);
-        fsutil::sync_dir(&self.inner.dir.join(layer::LAYERS_DIR))?;
-        let old_head = {
-            let mut stack = self.inner.stack.write();
-            let old = stack[stack.len() - 1].clone();
-            let mut v = stack.to_vec();
-            v.push(new_head);
-            *stack = stack.with_layers(v);
-            old
+            &volume_id,
+            &incarnation,
+        ) {
+            Ok(l) => Arc::new(l),
+            Err(e) => {
+                remove_layer_files(&self.inner.dir, &volume_id, new_id);
+                return Err(e);
+            }
         };
-        let drain = old_head.wait_drained();
+        let old_head = self
+            .stack()
+            .last()
+            .cloned()
+            .ok_or_else(|| EngineError::Invalid("the volume has no head layer".into()))?;
         let entry = SnapshotEntry {
             id: meta.manifest.next_snapshot_id,
             name: name.to_string(),
@@ -89,15 +138,64 @@ impl Volume {
             created_unix_ms: now_ms(),
             size: Some(size),
         };
-        self.commit_stack(&mut meta, Some(entry.clone()))?;
+        let mut m = meta.manifest.clone();
+        // Layers sealed since they were cut need their journals no more.
+        let stack = self.stack();
+        for e in &mut m.layers {
+            let sealed = stack
+                .iter()
+                .find(|l| l.id == e.id)
+                .is_some_and(|l| l.sealed.load(std::sync::atomic::Ordering::SeqCst));
+            if sealed {
+                e.incarnation = None;
+            }
+        }
+        m.layers.push(LayerEntry {
+            id: new_id,
+            merge_pending: false,
+            ancestor: None,
+            incarnation: Some(incarnation),
+        });
+        m.next_snapshot_id = m.next_snapshot_id.max(entry.id + 1);
+        m.snapshots.push(entry.clone());
+        m.next_layer_id = m.next_layer_id.max(meta.next_layer_id);
+        let committed = fsutil::sync_dir(&layers_dir).and_then(|()| m.store(&self.inner.dir));
+        if let Err(e) = committed {
+            if !e.is_injected_crash() {
+                self.undo_cut(&meta, new_id);
+            }
+            return Err(e);
+        }
+        meta.manifest = m;
+        fault_point("cut:committed")?;
+        {
+            let mut stack = self.inner.stack.write();
+            let mut v = stack.to_vec();
+            v.push(new_head);
+            *stack = stack.with_layers(v);
+        }
+        fault_point("cut:switched")?;
+        let drain = old_head.wait_drained();
+        old_head.flush(true)?;
+        self.settle_stack(&meta);
+        // The manifest stops naming the old head's incarnation: from now on its map
+        // journal must be whole and sealed, and damage to it is refused rather than taken
+        // for an interrupted seal. Not needed for safety: if this fails, the next
+        // manifest write drops it.
+        let mut m = meta.manifest.clone();
+        if let Some(e) = m.layers.iter_mut().find(|e| e.id == old_head.id) {
+            e.incarnation = None;
+        }
+        match m.store(&self.inner.dir) {
+            Ok(()) => meta.manifest = m,
+            Err(e) if e.is_injected_crash() => return Err(e),
+            Err(e) => {
+                tracing::warn!(volume = %self.inner.name, error = %e, "cannot record that the snapshot's layer is sealed; the next manifest write does")
+            }
+        }
         let total = t0.elapsed();
         // The sealed head's volatile journal is covered by its sealed map journal now.
-        let layers_dir = self.inner.dir.join(layer::LAYERS_DIR);
-        let _ = std::fs::remove_file(super::vlog::path_for(
-            &meta.manifest.volume_id,
-            old_head.id,
-            &layers_dir,
-        ));
+        let _ = std::fs::remove_file(super::vlog::path_for(&volume_id, old_head.id, &layers_dir));
         drop(meta);
         tracing::info!(
             volume = %self.inner.name,
@@ -113,53 +211,42 @@ impl Volume {
         })
     }
 
-    /// Makes the in-memory stack durable: seals every layer pushed since the last commit
-    /// (after its writes drain), flushes the head, and writes the manifest if the stack or
-    /// the snapshot list changed. A cut whose commit failed is retried here by the next flush.
-    pub(crate) fn commit_stack(
-        &self,
-        meta: &mut Meta,
-        snapshot: Option<SnapshotEntry>,
-    ) -> Result<()> {
+    /// After a cut's manifest commit failed: the commit may have reached the file (a
+    /// failed folder sync after the rename), so the manifest in force is written again,
+    /// and only then is the new head's files removed. Writes went on to the old head
+    /// throughout.
+    fn undo_cut(&self, meta: &Meta, new_id: u64) {
+        let mut m = meta.manifest.clone();
+        m.next_layer_id = m.next_layer_id.max(meta.next_layer_id);
+        match m.store(&self.inner.dir) {
+            Ok(()) => remove_layer_files(&self.inner.dir, &m.volume_id, new_id),
+            Err(e) => {
+                tracing::error!(volume = %self.inner.name, error = %e, "cannot write the manifest back after a failed cut; the next open sorts it out");
+            }
+        }
+    }
+
+    /// Makes every write acknowledged so far durable: seals the layers below the head
+    /// that a cut could not seal, then flushes the head. The manifest already names every
+    /// layer of the stack. The caller holds the metadata lock (`_meta`).
+    pub(crate) fn commit_stack(&self, meta: &mut Meta) -> Result<()> {
+        self.seal_pending(meta)?;
         let stack = self.stack();
-        let committed_head = meta.manifest.layers[meta.manifest.layers.len() - 1].id;
-        let start = stack
-            .iter()
-            .position(|l| l.id == committed_head)
-            .ok_or_else(|| EngineError::Invalid("the committed head is not in the stack".into()))?;
+        stack[stack.len() - 1].flush(false)
+    }
+
+    /// Seals the layers below the head that a cut could not seal (a failed or interrupted
+    /// seal), after their writes drain. The caller holds the metadata lock (`_meta`).
+    fn seal_pending(&self, meta: &mut Meta) -> Result<()> {
+        let stack = self.stack();
         let top = stack.len() - 1;
-        for l in &stack[start..top] {
+        for l in &stack[..top] {
             if !l.sealed.load(std::sync::atomic::Ordering::SeqCst) {
                 l.wait_drained();
                 l.flush(true)?;
+                self.settle_stack(meta);
             }
         }
-        self.settle_stack(meta);
-        stack[top].flush(false)?;
-        if start == top && snapshot.is_none() {
-            return Ok(());
-        }
-        let mut m = meta.manifest.clone();
-        for l in &stack[start + 1..] {
-            m.layers.push(LayerEntry {
-                id: l.id,
-                merge_pending: false,
-                ancestor: None,
-            });
-        }
-        if let Some(s) = snapshot {
-            m.next_snapshot_id = m.next_snapshot_id.max(s.id + 1);
-            m.snapshots.push(s);
-        }
-        for l in &stack[start..top] {
-            let owned = m.snapshots.iter().any(|s| s.layer == l.id);
-            if let Some(e) = m.layers.iter_mut().find(|e| e.id == l.id) {
-                e.merge_pending = !owned;
-            }
-        }
-        m.next_layer_id = m.next_layer_id.max(meta.next_layer_id);
-        m.store(&self.inner.dir)?;
-        meta.manifest = m;
         Ok(())
     }
 

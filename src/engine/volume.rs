@@ -19,6 +19,10 @@ use super::manifest::{check_geometry, LayerEntry, Manifest, FORMAT};
 use super::plan::{self, ReadPlan, ReadSource};
 use super::vlog::Change;
 
+/// Layer ids from files at or above this are not believed (a volume makes a few layers
+/// per snapshot: this is never reached, and a planted name cannot exhaust the ids).
+const MAX_LAYER_ID: u64 = 1 << 48;
+
 /// Name of the lock file that keeps two processes from opening one volume.
 const LOCK_FILE: &str = "lock";
 
@@ -62,7 +66,7 @@ impl Meta {
     /// A fresh layer id, never used in this volume's lineage.
     pub fn take_layer_id(&mut self) -> u64 {
         let id = self.next_layer_id.max(self.manifest.next_layer_id);
-        self.next_layer_id = id + 1;
+        self.next_layer_id = id.saturating_add(1);
         id
     }
 }
@@ -111,13 +115,13 @@ impl WriteTicket {
         self.offset
     }
 
-    /// Records that the data is in the file: reads see it from now on, and the next
-    /// flush makes it durable. Returns [`Volume::flush_advised`] for this layer, read
-    /// under the same lock (a server calls both on every write).
-    pub fn complete(self) -> bool {
-        let mut state = self.layer.state.write();
-        state.change(Change::Written, self.start, self.end);
-        state.wants_flush()
+    /// Records that the data is in the file: reads see it from now on, the volatile
+    /// journal keeps it across the daemon's death, and the next flush makes it durable.
+    /// Returns [`Volume::flush_advised`] for this layer, read under the same lock (a
+    /// server calls both on every write). On error the write must not be acknowledged
+    /// (shared memory is full, or a flush forced by a full journal failed).
+    pub fn complete(self) -> Result<bool> {
+        self.layer.record(Change::Written, self.start, self.end)
         // Drop runs leave().
     }
 }
@@ -206,6 +210,7 @@ impl Volume {
                 id: 1,
                 merge_pending: false,
                 ancestor: None,
+                incarnation: Some(super::vlog::new_incarnation()),
             }],
             snapshots: vec![],
             origin: None,
@@ -237,19 +242,55 @@ impl Volume {
         }
         fsutil::check_private_dir(dir)?;
         let lock = lock_volume(dir)?;
-        let manifest = Manifest::load(dir)?;
-        remove_leftovers(dir, &manifest)?;
+        let mut manifest = Manifest::load(dir)?;
+        remove_leftovers(dir, &mut manifest)?;
         let direct = opts.direct && fsutil::direct_io_fits(dir, manifest.block_size);
         let mut layers = Vec::with_capacity(manifest.layers.len());
         let top = manifest.layers.len() - 1;
         for (i, entry) in manifest.layers.iter().enumerate() {
-            let l = if i == top {
-                Layer::open_head(dir, entry.id, manifest.size, direct, &manifest.volume_id)?
-            } else {
-                Layer::open_frozen(dir, entry.id, manifest.size, manifest.block_size, direct)?
+            let l = match (&entry.incarnation, i == top) {
+                (Some(inc), true) => Layer::open_head(
+                    dir,
+                    entry.id,
+                    manifest.size,
+                    manifest.block_size,
+                    direct,
+                    &manifest.volume_id,
+                    inc,
+                )?,
+                (Some(inc), false) => open_maybe_unsealed(dir, &manifest, entry.id, inc, direct)?,
+                (None, true) => {
+                    return Err(EngineError::corrupt(
+                        Manifest::path(dir),
+                        "the head layer has no incarnation",
+                    ))
+                }
+                (None, false) => {
+                    Layer::open_frozen(dir, entry.id, manifest.size, manifest.block_size, direct)?
+                }
             };
             layers.push(Arc::new(l));
         }
+        // Every layer below the head is sealed now: the manifest says so, and only the
+        // head's journal is live.
+        if manifest.layers[..top]
+            .iter()
+            .any(|l| l.incarnation.is_some())
+        {
+            let mut m = manifest.clone();
+            m.layers[..top]
+                .iter_mut()
+                .for_each(|l| l.incarnation = None);
+            m.store(dir)?;
+            manifest = m;
+        }
+        let layers_dir = dir.join(layer::LAYERS_DIR);
+        let keep = [super::vlog::path_for(
+            &manifest.volume_id,
+            manifest.layers[top].id,
+            &layers_dir,
+        )];
+        super::vlog::remove_stale(&manifest.volume_id, &layers_dir, &keep);
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -357,7 +398,7 @@ impl Volume {
             ticket.layer.data.write_all_at(data, offset)
         }
         .map_err(|e| EngineError::io(path, e))?;
-        let _ = ticket.complete();
+        ticket.complete()?;
         if fua {
             self.flush()?;
         }
@@ -385,16 +426,14 @@ impl Volume {
         let bottom = stack.len() == 1;
         head.enter();
         drop(stack);
-        let result = fsutil::punch_hole(&head.data, &head.data_path, offset, len);
-        if result.is_ok() {
-            // With nothing below to hide, forgetting the blocks is enough and costs no map.
-            let kind = if bottom {
-                Change::Cleared
-            } else {
-                Change::Zeroed
-            };
-            head.state.write().change(kind, start, end);
-        }
+        // With nothing below to hide, forgetting the blocks is enough and costs no map.
+        let kind = if bottom {
+            Change::Cleared
+        } else {
+            Change::Zeroed
+        };
+        let result = fsutil::punch_hole(&head.data, &head.data_path, offset, len)
+            .and_then(|()| head.record(kind, start, end).map(|_| ()));
         head.leave();
         result
     }
@@ -403,7 +442,7 @@ impl Volume {
     /// Blocks on fsync: call it off latency-critical threads.
     pub fn flush(&self) -> Result<()> {
         let mut meta = self.inner.meta.lock();
-        self.commit_stack(&mut meta, None)
+        self.commit_stack(&mut meta)
     }
 
     /// True when unflushed changes pile up (the volatile journal is half full): a server
@@ -538,7 +577,18 @@ pub(crate) fn write_new_volume(dir: &Path, manifest: &Manifest) -> Result<()> {
         .layers
         .last()
         .ok_or_else(|| EngineError::Invalid("a volume needs a head layer".into()))?;
-    Layer::create_head(dir, head.id, manifest.size, false, &manifest.volume_id)?;
+    let incarnation = head
+        .incarnation
+        .as_deref()
+        .ok_or_else(|| EngineError::Invalid("a new head needs an incarnation".into()))?;
+    Layer::create_head(
+        dir,
+        head.id,
+        manifest.size,
+        false,
+        &manifest.volume_id,
+        incarnation,
+    )?;
     fsutil::sync_dir(&dir.join(layer::LAYERS_DIR))?;
     manifest.store(dir)?;
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -547,22 +597,17 @@ pub(crate) fn write_new_volume(dir: &Path, manifest: &Manifest) -> Result<()> {
     Ok(())
 }
 
-/// Removes files a crash left behind: temporary files, layer files of layers that no
-/// manifest names (made by a cut, merge or clone that did not commit), and volatile
-/// journals of layers that are no longer the head. Files that are not named like layer
-/// files are left alone.
-fn remove_leftovers(dir: &Path, manifest: &Manifest) -> Result<()> {
-    if let Some(head) = manifest.layers.last() {
-        let ids = manifest.layers.iter().map(|l| l.id);
-        super::vlog::remove_stale(
-            &manifest.volume_id,
-            ids,
-            head.id,
-            &dir.join(layer::LAYERS_DIR),
-        );
-    }
+/// Removes files a crash left behind: temporary files and layer files of layers that no
+/// manifest names (made by a cut, merge or clone that did not commit). Files that are not
+/// named like layer files are left alone. First, so that no layer id is ever used twice
+/// (a new layer must not meet anything an earlier one left), `next_layer_id` is moved
+/// past every id those files and the volume's volatile journals show; and a head from an
+/// older build gets an incarnation. Either change is committed before anything else.
+fn remove_leftovers(dir: &Path, manifest: &mut Manifest) -> Result<()> {
     let _ = fs::remove_file(dir.join("volume.tmp"));
     let layers_dir = dir.join(layer::LAYERS_DIR);
+    let mut stale = Vec::new();
+    let mut seen = 0u64;
     let entries = fs::read_dir(&layers_dir).map_err(|e| EngineError::io(&layers_dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| EngineError::io(&layers_dir, e))?;
@@ -574,17 +619,64 @@ fn remove_leftovers(dir: &Path, manifest: &Manifest) -> Result<()> {
         let Ok(id) = id.parse::<u64>() else {
             continue;
         };
-        let stale = match ext {
+        seen = seen.max(id);
+        let dead = match ext {
             "tmp" => true,
             "data" | "map" => manifest.layer_pos(id).is_none(),
             _ => false,
         };
-        if stale {
-            tracing::info!(file = %entry.path().display(), "removing a file left over by an interrupted operation");
-            fs::remove_file(entry.path()).map_err(|e| EngineError::io(entry.path(), e))?;
+        if dead {
+            stale.push(entry.path());
         }
     }
+    for (id, _, ours) in super::vlog::existing(&manifest.volume_id, &layers_dir) {
+        if ours {
+            seen = seen.max(id);
+        }
+    }
+    let mut m = manifest.clone();
+    if seen < MAX_LAYER_ID {
+        m.next_layer_id = m.next_layer_id.max(seen + 1);
+    }
+    if let Some(head) = m.layers.last_mut() {
+        if head.incarnation.is_none() {
+            // Written by an older build: its journal (an older format) is not replayed.
+            head.incarnation = Some(super::vlog::new_incarnation());
+        }
+    }
+    if m != *manifest {
+        m.store(dir)?;
+        *manifest = m;
+    }
+    for p in stale {
+        tracing::info!(file = %p.display(), "removing a file left over by an interrupted operation");
+        fs::remove_file(&p).map_err(|e| EngineError::io(&p, e))?;
+    }
     Ok(())
+}
+
+/// Opens layer `id` below the head whose manifest entry still names an incarnation: a
+/// cut committed it, and the daemon may have died before it was sealed. A sealed one
+/// opens as frozen; otherwise its map journal and its volatile journal are replayed (it
+/// may hold acknowledged writes no flush covered) and it is sealed now.
+fn open_maybe_unsealed(
+    dir: &Path,
+    manifest: &Manifest,
+    id: u64,
+    incarnation: &str,
+    direct: bool,
+) -> Result<Layer> {
+    let (size, bs) = (manifest.size, manifest.block_size);
+    match Layer::open_frozen(dir, id, size, bs, direct) {
+        Ok(l) => return Ok(l),
+        Err(EngineError::Corrupt { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    let l = Layer::open_head(dir, id, size, bs, direct, &manifest.volume_id, incarnation)?;
+    tracing::info!(layer = id, "sealing a layer whose cut was interrupted");
+    l.flush(true)?;
+    drop(l);
+    Layer::open_frozen(dir, id, size, bs, direct)
 }
 
 /// A volume's state, for `status` commands and logs.

@@ -358,8 +358,15 @@ impl TagTable {
             return Some(s.err);
         }
         if let Hold::Ticket(ticket) = hold {
-            if ticket.complete() {
-                self.ctx.work.flush_in_background();
+            // Not acknowledged unless recorded: the volatile journal may refuse (a full
+            // /dev/shm), and the request then fails with that error.
+            match ticket.complete() {
+                Ok(true) => self.ctx.work.flush_in_background(),
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(offset = s.req.offset, len = s.req.len, error = %e, "write not recorded");
+                    return Some(neg_errno(&e));
+                }
             }
             if s.req.fua() {
                 return self.to_worker(tag, s, BlockingOp::Flush);
