@@ -176,20 +176,8 @@ fn bench_iops(dir: &Path, secs: f64) -> Result<f64, String> {
     let mut worst = f64::INFINITY;
     for snaps in [0usize, 1, 100] {
         let vdir = dir.join(format!("vol-{snaps}"));
-        let _ = fs::remove_dir_all(&vdir);
-        Volume::create(
-            &vdir,
-            &CreateOptions {
-                size: SIZE,
-                block_size: BS as u32,
-            },
-        )
-        .and_then(|v| v.close())
-        .map_err(|e| e.to_string())?;
-        let vol = Volume::open_with(&vdir, &VolumeOpenOptions { direct: true })
-            .map_err(|e| e.to_string())?;
+        let vol = filled_volume(dir, &format!("vol-{snaps}"))?;
         let eng = Engine(vol.clone());
-        fill(&eng)?;
         let mut rng = Rng(42);
         let mut buf = AlignedBuf::new(BS as usize);
         for s in 0..snaps {

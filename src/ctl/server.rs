@@ -422,24 +422,14 @@ const SO_PEERGROUPS: libc::c_int = 59;
 /// The peer's supplementary groups when it connected; empty if the kernel cannot say.
 fn peer_groups(stream: &UnixStream) -> Vec<u32> {
     use std::os::fd::AsRawFd;
-    let mut groups = vec![0u32; 256];
-    let mut len = (groups.len() * 4) as libc::socklen_t;
-    // SAFETY: the buffer is live and `len` is its size in bytes; the kernel writes at most that.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_PEERGROUPS,
-            groups.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE) {
-        // More groups than room: the kernel said how much it needs.
-        groups = vec![0u32; len as usize / 4 + 1];
-        len = (groups.len() * 4) as libc::socklen_t;
-        // SAFETY: as above, with the larger buffer.
-        let again = unsafe {
+    let mut room = 256usize;
+    // Twice at most: when the first buffer is too small, the kernel says how much it needs.
+    for _ in 0..2 {
+        let mut groups = vec![0u32; room];
+        let mut len = (groups.len() * 4) as libc::socklen_t;
+        // SAFETY: the buffer is live and `len` is its size in bytes; the kernel writes at
+        // most that.
+        let rc = unsafe {
             libc::getsockopt(
                 stream.as_raw_fd(),
                 libc::SOL_SOCKET,
@@ -448,14 +438,16 @@ fn peer_groups(stream: &UnixStream) -> Vec<u32> {
                 &mut len,
             )
         };
-        if again != 0 {
-            return Vec::new();
+        if rc == 0 {
+            groups.truncate(len as usize / 4);
+            return groups;
         }
-    } else if rc != 0 {
-        return Vec::new();
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE) {
+            break;
+        }
+        room = len as usize / 4 + 1;
     }
-    groups.truncate(len as usize / 4);
-    groups
+    Vec::new()
 }
 
 async fn refuse(mut stream: UnixStream, e: CtlError, limits: Limits) {
