@@ -238,10 +238,14 @@ fn render_created(r: &Value) -> String {
     );
     if let Some(mounts) = r["frozen_mounts"].as_array().filter(|m| !m.is_empty()) {
         let list: Vec<&str> = mounts.iter().filter_map(Value::as_str).collect();
+        let ms = |k: &str| r[k].as_f64().unwrap_or(0.0);
         s.push_str(&format!(
-            "\nfrozen {} for {:.1} ms",
+            "\nwriters of {} held for {:.1} ms (freeze {:.1} ms, frozen for the cut {:.1} ms; synced before in {:.1} ms)",
             list.join(", "),
-            r["frozen_ms"].as_f64().unwrap_or(0.0)
+            ms("stall_ms"),
+            ms("freeze_ms"),
+            ms("frozen_ms"),
+            ms("sync_ms")
         ));
     }
     s.push_str(&format!(

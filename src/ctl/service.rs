@@ -502,13 +502,18 @@ impl VolumeService {
         let t0 = Instant::now();
         let guard = self.freeze(mounts, timeout)?;
         let frozen_at = Instant::now();
+        // Writers wait from the first FIFREEZE (which syncs with them held) to the thaw.
+        let holding_since = guard.holding_since().unwrap_or(frozen_at);
         let cut = self.volume.create_snapshot(&a.name);
         let expired = guard.expired();
         let frozen: Vec<PathBuf> = guard.mounts().to_vec();
         let thawed = guard.thaw();
-        let frozen_for = match &thawed {
-            Ok(at) if !frozen.is_empty() => at.duration_since(frozen_at),
-            _ => Duration::ZERO,
+        let (frozen_for, stall) = match &thawed {
+            Ok(at) if !frozen.is_empty() => (
+                at.duration_since(frozen_at),
+                at.duration_since(holding_since),
+            ),
+            _ => (Duration::ZERO, Duration::ZERO),
         };
         let report = cut.map_err(engine_error)?;
         if expired {
@@ -521,7 +526,7 @@ impl VolumeService {
         thawed?;
         self.snapshots_created.fetch_add(1, Ordering::Relaxed);
         if !frozen.is_empty() {
-            self.freezes.record(frozen_for);
+            self.freezes.record(stall);
         }
         let consistency = if !frozen.is_empty() || manual_active {
             "application-consistent: the file system was frozen for the cut"
@@ -535,8 +540,10 @@ impl VolumeService {
             "created": true,
             "consistency": consistency,
             "frozen_mounts": frozen,
+            "stall_ms": stall.as_secs_f64() * 1e3,
             "frozen_ms": frozen_for.as_secs_f64() * 1e3,
-            "freeze_ms": (frozen_at - t0).as_secs_f64() * 1e3,
+            "freeze_ms": (frozen_at - holding_since).as_secs_f64() * 1e3,
+            "sync_ms": (holding_since - t0).as_secs_f64() * 1e3,
             "cut_ms": report.total.as_secs_f64() * 1e3,
             "drain_ms": report.drain.as_secs_f64() * 1e3,
         }))
@@ -574,7 +581,9 @@ impl VolumeService {
         }
         let guard = self.freeze(mounts, timeout)?;
         let frozen = guard.mounts().to_vec();
-        *manual = Some((conn, guard, Instant::now()));
+        // The window recorded runs from the first FIFREEZE: writers wait from then on.
+        let since = guard.holding_since().unwrap_or_else(Instant::now);
+        *manual = Some((conn, guard, since));
         Ok(json!({ "frozen": frozen, "timeout_ms": timeout.as_millis() as u64 }))
     }
 

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Application-consistent snapshots through the control socket: with ext4 mounted and a
-# writer running, snapshots freeze the file system for the cut and report how long; a
+# writer running, snapshots freeze the file system for the cut and report how long the
+# writers were held (from the start of FIFREEZE to the thaw, at least the frozen time); a
 # file system frozen by someone else is refused; the daemon killed while holding a freeze
 # gets thawed by the watchdog (ext4's thaw writes its superblock, so it completes once
 # the restarted daemon serves the device again) within the deadline plus a second, and
@@ -50,11 +51,13 @@ WRITER_PID=$!
 for n in $(seq 1 20); do
     "$SNAPBLK" snapshot create "load-$n" -V vol --socket "$SOCK" -o json >"$WORK/load.json" ||
         fail "snapshot load-$n failed: $(cat "$WORK/load.json")"
-    json "'%.3f %.3f' % (d['frozen_ms'], d['cut_ms'])" <"$WORK/load.json" >>"$WORK/frozen_ms"
+    json "'%.3f %.3f %.3f %.3f' % (d['frozen_ms'], d['cut_ms'], d['stall_ms'], d['sync_ms'])" <"$WORK/load.json" >>"$WORK/frozen_ms"
     touch "$MNT/writable-$n" || fail "file system not writable after snapshot load-$n"
 done
 kill "$WRITER_PID"; wait "$WRITER_PID" 2>/dev/null || true; WRITER_PID=""
+awk '$3 < $1 { bad = 1 } END { exit bad }' "$WORK/frozen_ms" || fail "a stall shorter than the frozen time was reported: $(cat "$WORK/frozen_ms")"
 sort -n "$WORK/frozen_ms" | awk '{f[NR]=$1; c[NR]=$2} END {printf "frozen ms: median %.2f max %.2f; cut ms: median %.2f\n", f[int((NR+1)/2)], f[NR], c[int((NR+1)/2)]}' | tee "$RESULTS/freeze-figures.txt"
+sort -k3,3n "$WORK/frozen_ms" | awk '{s[NR]=$3; y+=$4} END {printf "writers held (FIFREEZE to thaw) ms: median %.2f max %.2f; syncfs before the freeze ms: mean %.2f\n", s[int((NR+1)/2)], s[NR], y/NR}' | tee -a "$RESULTS/freeze-figures.txt"
 
 info "refusals"
 fsfreeze -f "$MNT"
