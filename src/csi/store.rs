@@ -547,15 +547,7 @@ impl Store {
             }
             Err(e) => return Err(status::ctl(&ctx, e)),
         };
-        let mounts: Vec<String> = reply
-            .get("frozen")
-            .and_then(|m| m.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|m| m.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mounts = strings(&reply, "frozen");
         let handle = hex(&random_bytes());
         let freeze_us = (frozen_at - t0).as_micros() as u64;
         tracing::info!(volume = %key, reason, handle, mounts = ?mounts, freeze_us, timeout_ms = timeout.as_millis() as u64, "froze the file system; held until thawed or the deadline");
@@ -591,15 +583,7 @@ impl Store {
         // Closing the connection thaws too, whatever the reply.
         drop(h.client);
         let reply = r.map_err(|e| status::ctl(&format!("thawing volume {}", h.key), e))?;
-        let thawed: Vec<String> = reply
-            .get("thawed")
-            .and_then(|m| m.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|m| m.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let thawed = strings(&reply, "thawed");
         tracing::info!(volume = %h.key, handle, frozen_us, expired, "thawed the file system");
         Ok(pb::ThawVolumeResponse {
             thawed_mounts: if thawed.is_empty() { h.mounts } else { thawed },
@@ -919,4 +903,17 @@ fn random_bytes() -> [u8; 8] {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The strings of the array `key` of a daemon's reply (mount points frozen or thawed).
+fn strings(reply: &serde_json::Value, key: &str) -> Vec<String> {
+    reply
+        .get(key)
+        .and_then(serde_json::Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| m.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -676,6 +676,18 @@ mod tests {
         }
     }
 
+    /// A 1 MiB volume in `dir/v`.
+    fn small_volume(dir: &std::path::Path) -> Volume {
+        Volume::create(
+            &dir.join("v"),
+            &CreateOptions {
+                size: 1 << 20,
+                block_size: 4096,
+            },
+        )
+        .expect("volume")
+    }
+
     fn name(n: &str) -> NameArgs {
         NameArgs { name: n.into() }
     }
@@ -683,14 +695,7 @@ mod tests {
     #[test]
     fn expose_unexpose_and_delete_rules() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let vol = Volume::create(
-            &tmp.path().join("v"),
-            &CreateOptions {
-                size: 1 << 20,
-                block_size: 4096,
-            },
-        )
-        .expect("volume");
+        let vol = small_volume(tmp.path());
         vol.write(0, &[7u8; 4096], false).expect("write");
         vol.create_snapshot("s1").expect("snapshot");
         vol.write(0, &[9u8; 4096], false).expect("write");
@@ -810,14 +815,7 @@ mod tests {
     #[test]
     fn resize_grows_the_volume_then_the_device_or_nothing() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let vol = Volume::create(
-            &tmp.path().join("v"),
-            &CreateOptions {
-                size: 1 << 20,
-                block_size: 4096,
-            },
-        )
-        .expect("volume");
+        let vol = small_volume(tmp.path());
 
         // The device cannot follow: refused, and the volume did not grow either.
         let (svc, sizes) = served(&vol, false, false);
@@ -860,14 +858,7 @@ mod tests {
     #[test]
     fn stats_report_snapshots_space_and_requests() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let vol = Volume::create(
-            &tmp.path().join("v"),
-            &CreateOptions {
-                size: 1 << 20,
-                block_size: 4096,
-            },
-        )
-        .expect("volume");
+        let vol = small_volume(tmp.path());
         vol.write(0, &[1u8; 8192], false).expect("write");
         let io = Arc::new(IoStats::new(2));
         io.queue(1).record(
