@@ -11,7 +11,9 @@
 #   CRASH_WRITE=1      then append records and take snapshots until the host kills
 #                      the VM; otherwise stop everything cleanly and power off
 # Acknowledgements go to the second serial port (a file on the host), each only after
-# what it names is durable: "start", "ack N", "snap NAME", "snapsum NAME COUNT SHA",
+# what it names is durable: "start", "ack N", "snap NAME ACKED" (ACKED: records
+# acknowledged before the create began), "snapsum NAME COUNT SHA" (its intact records
+# and the hash of the records file in it, read back once taken, or in the next boot),
 # "snapdel NAME" (sent before the delete starts). Results: $R/check.txt, $R/failed.
 set -uo pipefail
 
@@ -111,6 +113,16 @@ check_previous() {
             snap)
                 listed=$((listed + 1))
                 [[ " $names " == *" $name "* ]] || fail "snapshot $name was acknowledged but is not listed (listed: $names)"
+                # Not read back before the kill: it must hold every record acknowledged
+                # before it was taken; what it holds now must not change in later boots.
+                grep -q "^snapsum $name " "$R/expect" && continue
+                mount_snapshot "$name" "$fs_in"
+                got="$("$RECORDS" sum "$SMNT/records")"
+                unmount_snapshot "$name"
+                [ "${got%% *}" -ge "$count" ] ||
+                    fail "snapshot $name holds ${got%% *} records; $count were acknowledged before it was taken"
+                ack "snapsum $name $got"
+                checked=$((checked + 1))
                 ;;
             snapsum)
                 mount_snapshot "$name" "$fs_in"
@@ -161,7 +173,7 @@ write_until_killed() {
         name="c$CRASH_CYCLE-$k"
         before="$(tr -d ' ' </run/crash/acked)"
         "$SNAPBLK" snapshot create "$name" -V "$VOL" >/dev/null || fail "snapshot create $name failed"
-        ack "snap $name"
+        ack "snap $name ${before:-0}"
         mount_snapshot "$name" "$CRASH_IN"
         got="$("$RECORDS" sum "$SMNT/records")"
         unmount_snapshot "$name"
