@@ -115,7 +115,13 @@ impl Manifest {
             }
             Err(e) => return Err(EngineError::io(&path, e)),
         };
-        let text = std::str::from_utf8(&bytes)
+        Self::decode(&path, &bytes)
+    }
+
+    /// Decodes and checks the bytes of a manifest read from `path` (named in errors).
+    pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<Manifest> {
+        let path = path.to_path_buf();
+        let text = std::str::from_utf8(bytes)
             .map_err(|_| EngineError::corrupt(&path, "not UTF-8 text"))?;
         let mut lines = text.lines();
         let body = lines.next().unwrap_or_default();
@@ -159,6 +165,9 @@ impl Manifest {
     /// Checks the invariants every other part of the engine relies on.
     pub fn validate(&self) -> std::result::Result<(), String> {
         check_geometry(self.size, self.block_size)?;
+        if !is_volume_id(&self.volume_id) {
+            return Err(format!("volume id {:?} is malformed", self.volume_id));
+        }
         let head = self.layers.last().ok_or("the layer stack is empty")?;
         if head.merge_pending {
             return Err("the head layer is marked for merging".into());
@@ -250,6 +259,18 @@ impl Manifest {
     pub fn snapshot_by_id(&self, id: u64) -> Option<&SnapshotEntry> {
         self.snapshots.iter().find(|s| s.id == id)
     }
+}
+
+/// Whether `id` can be a volume id: 1 to 64 letters, digits, '_' or '-'. Ids are made
+/// by the engine (32 hex digits), but a manifest is only checksummed, not trusted: the id
+/// becomes part of the volatile journals' file names in shared memory, so an id that could
+/// name another folder (`/`, `..`) is refused.
+pub fn is_volume_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
 }
 
 /// Checks a volume size and block size.

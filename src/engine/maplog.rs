@@ -270,6 +270,22 @@ fn replay(file: &File, path: &Path, layer_id: u64, allow_torn_tail: bool) -> Res
     let mut bytes = vec![0u8; size as usize];
     file.read_exact_at(&mut bytes, 0)
         .map_err(|e| EngineError::io(path, e))?;
+    replay_bytes(&bytes, path, layer_id, allow_torn_tail)
+}
+
+/// Replays the whole content of a map log read from `path` (named in errors).
+pub(crate) fn replay_bytes(
+    bytes: &[u8],
+    path: &Path,
+    layer_id: u64,
+    allow_torn_tail: bool,
+) -> Result<Replayed> {
+    if bytes.len() < HEADER_LEN as usize {
+        return Err(EngineError::corrupt(
+            path,
+            format!("map log is {} bytes, shorter than its header", bytes.len()),
+        ));
+    }
     check_header(&bytes[..HEADER_LEN as usize], path, layer_id)?;
 
     let mut map = LayerMap::default();

@@ -20,6 +20,9 @@ pub mod faults;
 #[cfg(not(any(test, feature = "fault-injection")))]
 mod faults;
 mod fsutil;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod layer;
 mod layermap;
 mod maintain;

@@ -171,6 +171,12 @@ fn boot_id() -> [u8; 16] {
     id
 }
 
+/// This boot's id, for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn boot_id_for_fuzzing() -> [u8; 16] {
+    boot_id()
+}
+
 /// Where the volatile journals live: tmpfs, which holds only page cache (so the journal
 /// costs no disk I/O and never slows the fsyncs of a cut) and is emptied by a reboot.
 const SHM: &str = "/dev/shm";
