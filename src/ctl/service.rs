@@ -525,6 +525,7 @@ impl VolumeService {
         }
         thawed?;
         self.snapshots_created.fetch_add(1, Ordering::Relaxed);
+        self.merge_after_cut();
         if !frozen.is_empty() {
             self.freezes.record(stall);
         }
@@ -547,6 +548,19 @@ impl VolumeService {
             "cut_ms": report.total.as_secs_f64() * 1e3,
             "drain_ms": report.drain.as_secs_f64() * 1e3,
         }))
+    }
+
+    /// A deleted snapshot's layer right under the live head only gave back the blocks the
+    /// head covered; the cut has now sealed that head, so the rest can be merged. Done after
+    /// the thaw, so writers never wait for it; a failure leaves the layer pending for the
+    /// next delete, and the snapshot stands.
+    fn merge_after_cut(&self) {
+        if !self.volume.has_pending_merges() {
+            return;
+        }
+        if let Err(e) = self.volume.maintain() {
+            tracing::warn!(error = %e, "merging deleted snapshots after the cut failed; the next delete tries again");
+        }
     }
 
     /// Freezes `mounts` with this service's watchdog and marker.
@@ -690,6 +704,46 @@ mod tests {
 
     fn name(n: &str) -> NameArgs {
         NameArgs { name: n.into() }
+    }
+
+    fn create_args(n: &str) -> Command {
+        Command::SnapshotCreate(SnapshotCreateArgs {
+            name: n.into(),
+            freeze: FreezeMode::None,
+            mount: None,
+            freeze_timeout_ms: None,
+        })
+    }
+
+    /// A snapshot deleted right under the live head can only give back what the head
+    /// covers; the next snapshot seals that head, and the rest is merged then, not left
+    /// waiting for some later delete.
+    #[test]
+    fn a_cut_merges_what_a_delete_left_under_the_head() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let vol = small_volume(tmp.path());
+        let svc = VolumeService::new(vol.clone(), None, None, None);
+        vol.write(0, &[1u8; 4096], false).expect("write");
+        vol.write(4096, &[2u8; 4096], false).expect("write");
+        svc.handle(1, create_args("s1")).expect("s1");
+        vol.write(0, &[3u8; 4096], false).expect("write");
+        svc.handle(1, Command::SnapshotDelete(name("s1")))
+            .expect("delete s1");
+        // Block 1 is only in s1's layer: the live head still reads it from there.
+        assert!(vol.has_pending_merges());
+        assert_eq!(vol.status().layers, 2);
+
+        svc.handle(1, create_args("s2")).expect("s2");
+        let st = vol.status();
+        assert_eq!(st.pending_merges, 0, "{st:?}");
+        assert_eq!(st.layers, 2, "{st:?}");
+        let mut buf = [0u8; 8192];
+        vol.read_snapshot("s2", 0, &mut buf).expect("read s2");
+        assert!(buf[..4096].iter().all(|&b| b == 3));
+        assert!(buf[4096..].iter().all(|&b| b == 2));
+        vol.read(0, &mut buf).expect("read head");
+        assert!(buf[..4096].iter().all(|&b| b == 3));
+        assert!(buf[4096..].iter().all(|&b| b == 2));
     }
 
     #[test]

@@ -706,6 +706,17 @@ pub struct VolumeStatus {
 
 impl Volume {
     /// The volume's state.
+    /// Whether a deleted snapshot's layer still waits to be merged (cheap: the manifest).
+    pub fn has_pending_merges(&self) -> bool {
+        self.inner
+            .meta
+            .lock()
+            .manifest
+            .layers
+            .iter()
+            .any(|l| l.merge_pending)
+    }
+
     pub fn status(&self) -> VolumeStatus {
         let meta = self.inner.meta.lock();
         let stack = self.stack();
