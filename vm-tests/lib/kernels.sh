@@ -275,7 +275,7 @@ modules_closure() {
 # Modules the tests load often, stored decompressed in the cache: the
 # guest's modprobe (kmod 30 on bookworm) decompresses .ko.xz in user space,
 # which takes seconds per module under emulation.
-KERNEL_UNPACKED_MODULES=(ublk_drv ext4 xfs loop dm-mod dm-thin-pool dm-snapshot null_blk brd virtio_rng)
+KERNEL_UNPACKED_MODULES=(ublk_drv ext4 xfs loop dm-mod dm-thin-pool dm-snapshot dm-flakey null_blk brd virtio_rng virtio_blk)
 
 kernel_unpack_modules() {
     local kdir="$1" release="$2" key f mods
