@@ -39,6 +39,7 @@ pub fn ctl(context: &str, e: CtlError) -> Status {
         | ErrorCode::NotFrozen
         | ErrorCode::Unsupported => Code::FailedPrecondition,
         ErrorCode::Io => Code::Unavailable,
+        ErrorCode::NoSpace => Code::ResourceExhausted,
         _ => Code::Internal,
     };
     Status::new(code, format!("{context}: {}", e.message))

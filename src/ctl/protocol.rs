@@ -57,6 +57,9 @@ pub enum ErrorCode {
     /// What was asked needs something this daemon, its driver or kernel lacks; the
     /// message says what, and what to do instead.
     Unsupported,
+    /// The file system under the volume's folder is full: nothing changed; free space
+    /// there and try again.
+    NoSpace,
     /// An I/O error on the volume.
     Io,
     /// A bug or an unexpected state; the message says more.

@@ -118,6 +118,7 @@ pub fn engine_error(e: EngineError) -> CtlError {
         | EngineError::OutOfRange { .. }
         | EngineError::Unaligned { .. } => ErrorCode::BadRequest,
         EngineError::Busy { .. } => ErrorCode::Busy,
+        e if matches!(e.errno(), libc::ENOSPC | libc::EDQUOT) => ErrorCode::NoSpace,
         _ => ErrorCode::Io,
     };
     CtlError::new(code, e.to_string())
@@ -968,6 +969,20 @@ mod tests {
         // A daemon with no device reports no requests.
         let plain = VolumeService::new(vol, None, None, None);
         assert!(plain.stats().io.is_empty());
+    }
+
+    #[test]
+    fn full_disk_errors_say_no_space() {
+        let full = EngineError::Io {
+            path: "/x/volume.tmp".into(),
+            err: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert_eq!(engine_error(full).code, ErrorCode::NoSpace);
+        let failing = EngineError::Io {
+            path: "/x/volume.tmp".into(),
+            err: std::io::Error::from_raw_os_error(libc::EIO),
+        };
+        assert_eq!(engine_error(failing).code, ErrorCode::Io);
     }
 
     #[test]

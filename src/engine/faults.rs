@@ -30,6 +30,9 @@ mod enabled {
         static STEPS: Cell<u64> = const { Cell::new(0) };
         static SYNC_FAILS: Cell<u64> = const { Cell::new(0) };
         static APPEND_FAILS: Cell<u64> = const { Cell::new(0) };
+        static COMMIT_FAILS: Cell<u64> = const { Cell::new(0) };
+        static WRITE_FAILS: Cell<u64> = const { Cell::new(0) };
+        static WRITE_ERRNO: Cell<i32> = const { Cell::new(0) };
         static HOOK: RefCell<Option<StepHook>> = const { RefCell::new(None) };
     }
 
@@ -42,6 +45,39 @@ mod enabled {
     /// The error a map journal append gets when one is due (see [`fail_append_after`]).
     pub(crate) fn append_fault() -> Option<std::io::Error> {
         countdown(&APPEND_FAILS).then(|| std::io::Error::from_raw_os_error(libc::ENOSPC))
+    }
+
+    /// Makes the next `n` atomic file replacements on this thread (manifest commits,
+    /// journal compactions) fail with ENOSPC before their rename, as on a full disk.
+    /// `0` disarms.
+    pub fn fail_next_commits(n: u64) {
+        COMMIT_FAILS.with(|c| c.set(n));
+    }
+
+    /// The error an atomic replacement gets while some are due (see
+    /// [`fail_next_commits`]).
+    pub(crate) fn commit_fault() -> Option<std::io::Error> {
+        COMMIT_FAILS.with(|c| {
+            let n = c.get();
+            (n > 0).then(|| {
+                c.set(n - 1);
+                std::io::Error::from_raw_os_error(libc::ENOSPC)
+            })
+        })
+    }
+
+    /// Makes the `n`-th data write of [`crate::engine::Volume::write`] from now (1-based)
+    /// on this thread store half its bytes and fail with `errno` (ENOSPC for a full disk,
+    /// EIO for a failing one). `0` disarms.
+    pub fn fail_write_after(n: u64, errno: i32) {
+        WRITE_FAILS.with(|c| c.set(n));
+        WRITE_ERRNO.with(|c| c.set(errno));
+    }
+
+    /// The error a data write gets when one is due (see [`fail_write_after`]).
+    pub(crate) fn write_fault() -> Option<std::io::Error> {
+        countdown(&WRITE_FAILS)
+            .then(|| std::io::Error::from_raw_os_error(WRITE_ERRNO.with(|c| c.get())))
     }
 
     /// Counts `c` down; true when it reaches its armed step.
@@ -134,6 +170,18 @@ mod disabled {
     /// No fault injection in this build.
     #[inline(always)]
     pub(crate) fn sync_fault() -> Option<std::io::Error> {
+        None
+    }
+
+    /// No fault injection in this build.
+    #[inline(always)]
+    pub(crate) fn commit_fault() -> Option<std::io::Error> {
+        None
+    }
+
+    /// No fault injection in this build.
+    #[inline(always)]
+    pub(crate) fn write_fault() -> Option<std::io::Error> {
         None
     }
 

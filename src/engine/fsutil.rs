@@ -74,9 +74,24 @@ pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         .mode(PRIVATE_FILE)
         .open(&tmp)
         .map_err(|e| EngineError::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| EngineError::io(&tmp, e))?;
-    crash_point("atomic_write:fsync")?;
-    f.sync_all().map_err(|e| EngineError::io(&tmp, e))?;
+    // A temporary file that did not make it (a full disk) is removed, not left to hold
+    // the space it got.
+    let written = f
+        .write_all(bytes)
+        .map_err(|e| EngineError::io(&tmp, e))
+        .and_then(|()| crash_point("atomic_write:fsync"))
+        .and_then(|()| {
+            super::faults::commit_fault()
+                .map_or(Ok(()), Err)
+                .and_then(|()| f.sync_all())
+                .map_err(|e| EngineError::io(&tmp, e))
+        });
+    if let Err(e) = written {
+        if !e.is_injected_crash() {
+            let _ = fs::remove_file(&tmp);
+        }
+        return Err(e);
+    }
     crash_point("atomic_write:rename")?;
     fs::rename(&tmp, path).map_err(|e| EngineError::io(path, e))?;
     sync_dir(dir)

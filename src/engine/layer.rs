@@ -393,10 +393,17 @@ impl Layer {
                 .then(|| st.map.clone());
             (touched, present, zeroed, compact, mark)
         };
+        // Which failures latch (see `failed`): a failed data or journal sync (the kernel
+        // may have dropped the pages it could not write, and reports that only once), or
+        // a journal whose failed append could not be cut back. A journal append that
+        // failed and was cut back (a full disk), or a compaction that did not replace the
+        // journal, changed nothing durable: the next flush tries again.
+        let mut latch = true;
         let result: Result<()> = (|| {
             super::fsutil::sync_data(&self.data, &self.data_path)?;
             match &compact {
                 Some(map) => {
+                    latch = false;
                     *log = MapLog::write_compacted(
                         &self.data_path.with_extension("map"),
                         self.id,
@@ -405,12 +412,14 @@ impl Layer {
                     )?;
                 }
                 None => {
+                    latch = false;
                     if !touched.is_empty() {
                         log.append_delta(&touched, &present, &zeroed)?;
                     }
                     if seal {
                         log.append_seal()?;
                     }
+                    latch = true;
                     log.sync()?;
                 }
             }
@@ -434,9 +443,16 @@ impl Layer {
                 self.state.write().touched |= touched;
                 // A simulated crash is a test's way of stopping the process, not a disk
                 // error: the test reopens the volume after it.
-                if !e.is_injected_crash() {
+                // A compaction that failed after its rename leaves the journal open here
+                // unlinked: appending to it would be lost.
+                let latch = latch || log.damaged() || !log.is_current();
+                if e.is_injected_crash() {
+                    // Nothing to record.
+                } else if latch {
                     tracing::error!(layer = self.id, file = %self.data_path.display(), error = %e, "flush failed: every later flush of this volume fails until it is reopened");
                     self.failed.lock().get_or_insert_with(|| e.to_string());
+                } else {
+                    tracing::warn!(layer = self.id, file = %self.data_path.display(), error = %e, "flush failed before anything changed on disk (the map journal could not grow); the next flush tries again");
                 }
                 Err(e)
             }

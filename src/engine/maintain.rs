@@ -129,29 +129,44 @@ impl Volume {
             // As long as the file it replaces: the size the volume had when it was sealed,
             // so a clone of its snapshot can use it.
             let len = upper.data_len()?;
-            let fresh = Layer::create_merge_target(dir, id, len, self.inner.direct)?;
-            let present = upper.state.read().map.present.clone();
-            for (s, e) in runs(&present) {
-                fsutil::copy_range(
-                    &upper.data,
-                    &fresh.data,
-                    &fresh.data_path,
-                    u64::from(s) * bs,
-                    (e - u64::from(s)) * bs,
-                )?;
+            let built = (|| {
+                let fresh = Layer::create_merge_target(dir, id, len, self.inner.direct)?;
+                let present = upper.state.read().map.present.clone();
+                for (s, e) in runs(&present) {
+                    fsutil::copy_range(
+                        &upper.data,
+                        &fresh.data,
+                        &fresh.data_path,
+                        u64::from(s) * bs,
+                        (e - u64::from(s)) * bs,
+                    )?;
+                }
+                for (s, e) in runs(&copy) {
+                    fsutil::copy_range(
+                        &lower.data,
+                        &fresh.data,
+                        &fresh.data_path,
+                        u64::from(s) * bs,
+                        (e - u64::from(s)) * bs,
+                    )?;
+                }
+                fsutil::sync_data(&fresh.data, &fresh.data_path)?;
+                MapLog::write_compacted(&layer::map_path(dir, id), id, &merged, true)?;
+                fresh.with_map(merged)
+            })();
+            match built {
+                Ok(l) => Arc::new(l),
+                Err(e) => {
+                    // No manifest names the new layer: give its space back now (a full
+                    // disk) rather than at the next open.
+                    if !e.is_injected_crash() {
+                        for p in [layer::data_path(dir, id), layer::map_path(dir, id)] {
+                            let _ = std::fs::remove_file(p);
+                        }
+                    }
+                    return Err(e);
+                }
             }
-            for (s, e) in runs(&copy) {
-                fsutil::copy_range(
-                    &lower.data,
-                    &fresh.data,
-                    &fresh.data_path,
-                    u64::from(s) * bs,
-                    (e - u64::from(s)) * bs,
-                )?;
-            }
-            fsutil::sync_data(&fresh.data, &fresh.data_path)?;
-            MapLog::write_compacted(&layer::map_path(dir, id), id, &merged, true)?;
-            Arc::new(fresh.with_map(merged)?)
         } else {
             // Blocks the upper map does not name are invisible: fill them in place, then
             // switch the upper map; the content of every view stays the same throughout.

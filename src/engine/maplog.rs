@@ -57,6 +57,8 @@ pub struct MapLog {
     file: File,
     path: PathBuf,
     len: u64,
+    /// A failed append could not be cut back: the file may end with part of a record.
+    damaged: bool,
 }
 
 impl MapLog {
@@ -76,6 +78,7 @@ impl MapLog {
             file,
             path: path.to_path_buf(),
             len: HEADER_LEN,
+            damaged: false,
         })
     }
 
@@ -104,6 +107,7 @@ impl MapLog {
             file,
             path: path.to_path_buf(),
             len: bytes.len() as u64,
+            damaged: false,
         })
     }
 
@@ -139,6 +143,7 @@ impl MapLog {
                 file,
                 path: path.to_path_buf(),
                 len,
+                damaged: false,
             },
             replayed,
         ))
@@ -176,6 +181,12 @@ impl MapLog {
     }
 
     fn append(&mut self, kind: Kind, payload: &[u8]) -> Result<()> {
+        if self.damaged {
+            return Err(EngineError::io(
+                &self.path,
+                std::io::Error::other("a failed append could not be cut back from the journal"),
+            ));
+        }
         let mut rec = Vec::with_capacity(REC_HEADER_LEN + payload.len());
         push_record(&mut rec, kind, payload)?;
         let written = match super::faults::append_fault() {
@@ -190,7 +201,9 @@ impl MapLog {
             // Cut off what part of the record reached the file: the next append goes
             // here, and a shorter record would leave the rest behind, which the reader
             // could not tell from damage.
-            let _ = self.file.set_len(self.len);
+            if self.file.set_len(self.len).is_err() {
+                self.damaged = true;
+            }
             return Err(EngineError::io(&self.path, e));
         }
         self.len += rec.len() as u64;
@@ -200,6 +213,22 @@ impl MapLog {
     /// Makes every appended record durable.
     pub fn sync(&self) -> Result<()> {
         fsutil::sync_data(&self.file, &self.path)
+    }
+
+    /// True when a failed append may have left part of a record at the end of the file
+    /// (cutting it back failed too): nothing may be appended after it.
+    pub fn damaged(&self) -> bool {
+        self.damaged
+    }
+
+    /// True when the file at the journal's path is the one open here (a compaction that
+    /// failed after its rename replaced it).
+    pub fn is_current(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.file.metadata(), std::fs::metadata(&self.path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
     }
 
     /// Current length in bytes (for deciding when to compact).

@@ -13,6 +13,7 @@ mod aligned;
 mod catalog;
 mod cbt;
 mod clone;
+mod disk;
 mod error;
 mod extent;
 #[cfg(any(test, feature = "fault-injection"))]
@@ -37,6 +38,7 @@ mod volume;
 pub use aligned::AlignedBuf;
 pub use catalog::{destroy, summary, SnapshotSummary, VolumeSummary};
 pub use cbt::{allocated_runs, changed_runs, BlockRuns};
+pub use disk::{DiskFull, DiskStatus};
 pub use error::{EngineError, Result};
 pub use extent::Extent;
 pub use manifest::MAX_BLOCKS;

@@ -89,6 +89,10 @@ impl Volume {
     /// the new head; drain and seal the old one; remove its volatile journal. A failed
     /// commit switches nothing: writes keep going to the old head and the snapshot fails.
     pub fn create_snapshot(&self, name: &str) -> Result<CutReport> {
+        self.cut(name).map_err(|e| self.noted(e))
+    }
+
+    fn cut(&self, name: &str) -> Result<CutReport> {
         validate_snapshot_name(name)?;
         let t0 = Instant::now();
         let mut meta = self.inner.meta.lock();
@@ -220,9 +224,18 @@ impl Volume {
         m.next_layer_id = m.next_layer_id.max(meta.next_layer_id);
         match m.store(&self.inner.dir) {
             Ok(()) => remove_layer_files(&self.inner.dir, &m.volume_id, new_id),
-            Err(e) => {
-                tracing::error!(volume = %self.inner.name, error = %e, "cannot write the manifest back after a failed cut; the next open sorts it out");
-            }
+            // On a full disk the manifest cannot be written again either. If the file in
+            // place does not name the new head, the failed commit never reached it (it
+            // failed before its rename): nothing refers to the new files, whose space is
+            // given back now.
+            Err(e) => match super::manifest::Manifest::load(&self.inner.dir) {
+                Ok(found) if found.layer_pos(new_id).is_none() => {
+                    remove_layer_files(&self.inner.dir, &m.volume_id, new_id)
+                }
+                _ => {
+                    tracing::error!(volume = %self.inner.name, error = %e, "cannot write the manifest back after a failed cut; the next open sorts it out");
+                }
+            },
         }
     }
 
@@ -310,11 +323,21 @@ impl Volume {
             if let Some(l) = m.layers.iter_mut().find(|l| l.id == entry.layer) {
                 l.merge_pending = true;
             }
-            m.store(&self.inner.dir)?;
+            m.store(&self.inner.dir).map_err(|e| self.noted(e))?;
             meta.manifest = m;
         }
         tracing::info!(volume = %self.inner.name, snapshot = name, "snapshot deleted; merging its layer");
-        self.maintain()
+        // The snapshot is gone (committed); its merge only gives space back, and one that
+        // failed (a full or failing disk) left every view as it was: the next delete
+        // tries it again.
+        match self.maintain() {
+            Err(e) if matches!(e.errno(), libc::ENOSPC | libc::EDQUOT | libc::EIO) => {
+                let e = self.noted(e);
+                tracing::warn!(volume = %self.inner.name, snapshot = name, error = %e, "the deleted snapshot's layer could not be merged yet; the next delete tries again");
+                Ok(())
+            }
+            r => r,
+        }
     }
 
     /// The layers that make up snapshot `name`, bottom first: a stable view for reading it.

@@ -84,6 +84,8 @@ pub(crate) struct Inner {
     pub meta: Mutex<Meta>,
     /// One merge at a time.
     pub merge: Mutex<()>,
+    /// Disk errors seen: a full file system, I/O errors.
+    pub disk: super::disk::DiskState,
     _lock: File,
 }
 
@@ -312,6 +314,7 @@ impl Volume {
                     manifest,
                 }),
                 merge: Mutex::new(()),
+                disk: super::disk::DiskState::default(),
                 _lock: lock,
             }),
         })
@@ -390,6 +393,16 @@ impl Volume {
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         let ticket = self.begin_write(offset, data.len() as u64)?;
         let path = &ticket.layer.data_path;
+        if let Some(e) = super::faults::write_fault() {
+            // A write that stopped halfway (a full or failing disk), for tests.
+            let half = (data.len() / 2) as u64 / u64::from(self.inner.block_size)
+                * u64::from(self.inner.block_size);
+            let _ = ticket
+                .layer
+                .data
+                .write_all_at(&data[..half as usize], offset);
+            return Err(self.noted(EngineError::io(path, e)));
+        }
         if self.inner.direct && !AlignedBuf::is_aligned(data) {
             let mut bounce = AlignedBuf::new(data.len());
             bounce.copy_from_slice(data);
@@ -397,12 +410,28 @@ impl Volume {
         } else {
             ticket.layer.data.write_all_at(data, offset)
         }
-        .map_err(|e| EngineError::io(path, e))?;
-        ticket.complete()?;
+        .map_err(|e| self.noted(EngineError::io(path, e)))?;
+        ticket.complete().map_err(|e| self.noted(e))?;
         if fua {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// Counts `e` in the disk state `status` reports (a full or failing disk), and
+    /// hands it back.
+    pub(crate) fn noted(&self, e: EngineError) -> EngineError {
+        self.inner.disk.note_error(&self.inner.dir, &e);
+        e
+    }
+
+    /// Counts a request the server failed with `-errno` (a data write the ring could not
+    /// store, a failed flush): ENOSPC marks the file system full, EIO counts as a disk
+    /// error, in what `status` reports. Other errors are not the disk's.
+    pub fn note_request_error(&self, neg_errno: i32, what: &str) {
+        self.inner
+            .disk
+            .note(&self.inner.dir, neg_errno.saturating_neg(), what);
     }
 
     /// Discards `[offset, offset+len)`: it reads as zeros, older layers are hidden, and
@@ -435,14 +464,14 @@ impl Volume {
         let result = fsutil::punch_hole(&head.data, &head.data_path, offset, len)
             .and_then(|()| head.record(kind, start, end).map(|_| ()));
         head.leave();
-        result
+        result.map_err(|e| self.noted(e))
     }
 
     /// Makes every write, discard and snapshot acknowledged before the call durable.
     /// Blocks on fsync: call it off latency-critical threads.
     pub fn flush(&self) -> Result<()> {
         let mut meta = self.inner.meta.lock();
-        self.commit_stack(&mut meta)
+        self.commit_stack(&mut meta).map_err(|e| self.noted(e))
     }
 
     /// True when unflushed changes pile up (the volatile journal is half full): a server
@@ -487,8 +516,8 @@ impl Volume {
         let head = &stack[stack.len() - 1];
         head.data
             .set_len(new_size)
-            .map_err(|e| EngineError::io(&head.data_path, e))?;
-        if let Err(e) = m.store(&self.inner.dir) {
+            .map_err(|e| self.noted(EngineError::io(&head.data_path, e)))?;
+        if let Err(e) = m.store(&self.inner.dir).map_err(|e| self.noted(e)) {
             // Not committed (or not known to be): keep serving the old size. Should the
             // commit have landed after all, the next open extends the head again.
             let _ = head.data.set_len(old);
@@ -702,6 +731,9 @@ pub struct VolumeStatus {
     /// Why flushes fail since a data sync failed (the volume must be reopened).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flush_failure: Option<String>,
+    /// The file system under the folder: free space, full, I/O errors.
+    #[serde(default)]
+    pub disk: super::disk::DiskStatus,
 }
 
 impl Volume {
@@ -749,6 +781,7 @@ impl Volume {
                 .as_ref()
                 .map(|o| format!("{}/{}", o.volume_id, o.snapshot)),
             flush_failure: stack.iter().find_map(|l| l.flush_failure()),
+            disk: self.inner.disk.status(&self.inner.dir),
         }
     }
 }

@@ -222,6 +222,19 @@ impl TagTable {
                 res,
                 "request failed"
             );
+            // A full or failing disk under the folder shows in `status` (the engine
+            // counts what fails in its own calls: flushes, discards).
+            let ring_op = matches!(req.op, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE);
+            if ring_op && matches!(-res, libc::ENOSPC | libc::EDQUOT | libc::EIO | libc::EROFS) {
+                let what = format!(
+                    "{} at byte {} ({} bytes): {}",
+                    op_name(req.op),
+                    req.offset,
+                    req.len,
+                    std::io::Error::from_raw_os_error(-res)
+                );
+                self.ctx.volume.note_request_error(res, &what);
+            }
         }
         fin.finish(tag, res);
     }
@@ -439,6 +452,15 @@ impl TagTable {
 }
 
 /// How a request of ublk op `op` is counted; None for ops the device does not serve.
+/// The name of ublk operation `op`, for messages.
+fn op_name(op: u32) -> &'static str {
+    match op {
+        sys::UBLK_IO_OP_READ => "read",
+        sys::UBLK_IO_OP_WRITE => "write",
+        _ => "request",
+    }
+}
+
 fn direction(op: u32) -> Option<Direction> {
     match op {
         sys::UBLK_IO_OP_READ => Some(Direction::Read),
