@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-use super::output::{print, Format};
+use super::output::{print, utc, Format};
 use super::size::human;
 use super::target::{Target, VolumeArg};
 use crate::ctl::protocol::{Command, FreezeMode, NameArgs, SnapshotCreateArgs};
@@ -283,28 +283,6 @@ pub fn render_list(list: &[SnapshotInfo]) -> String {
     out
 }
 
-/// `YYYY-MM-DD HH:MM:SS` in UTC for a Unix time in milliseconds.
-fn utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -324,12 +302,5 @@ mod tests {
         for bad in ["", "x", "10h", "-1s", "1e9s"] {
             assert!(super::parse_duration(bad).is_err(), "{bad:?} accepted");
         }
-    }
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
-        assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00");
-        assert_eq!(super::utc(1_795_300_000_000), "2026-11-21 22:26:40");
     }
 }

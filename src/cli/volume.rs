@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::output::{print, Format};
+use super::output::{print, utc, Format};
 use super::size::{human, parse_size};
 use super::target::{resolve, Target};
 use crate::ctl::protocol::{CloneArgs, Command, ResizeArgs};
@@ -208,7 +208,7 @@ fn render_disk(d: &crate::engine::DiskStatus) -> String {
     let mut out = match &d.full {
         Some(f) => format!(
             "disk        FULL (ENOSPC since {}, {} request{} refused), {} free of {}\n",
-            unix_ms_utc(f.since_unix_ms),
+            utc(f.since_unix_ms),
             f.refused,
             if f.refused == 1 { "" } else { "s" },
             human(d.free_bytes),
@@ -224,43 +224,9 @@ fn render_disk(d: &crate::engine::DiskStatus) -> String {
         out.push_str(&format!(
             "disk errors {} (last at {}: {})\n",
             d.io_errors,
-            d.last_error_unix_ms.map_or_else(String::new, unix_ms_utc),
+            d.last_error_unix_ms.map_or_else(String::new, utc),
             d.last_error.as_deref().unwrap_or("?"),
         ));
     }
     out
-}
-
-/// A Unix time in milliseconds as `YYYY-MM-DDTHH:MM:SSZ`.
-fn unix_ms_utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod disk_tests {
-    use super::*;
-
-    #[test]
-    fn utc_times() {
-        assert_eq!(unix_ms_utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(unix_ms_utc(951_782_400_000), "2000-02-29T00:00:00Z");
-        assert_eq!(unix_ms_utc(1_764_590_400_123), "2025-12-01T12:00:00Z");
-    }
 }
