@@ -212,12 +212,7 @@ fn create(a: CreateArgs) -> anyhow::Result<()> {
                 Ok(existing) => json!({ "snapshot": existing, "created": false }),
                 Err(_) => {
                     let r = v.create_snapshot(&a.name)?;
-                    // As the daemon does: merge what a delete left under the old head.
-                    if v.has_pending_merges() {
-                        if let Err(e) = v.maintain() {
-                            tracing::warn!(error = %e, "merging deleted snapshots after the cut failed; the next delete tries again");
-                        }
-                    }
+                    v.merge_after_cut();
                     json!({
                         "snapshot": r.snapshot,
                         "created": true,

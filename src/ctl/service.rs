@@ -526,7 +526,7 @@ impl VolumeService {
         }
         thawed?;
         self.snapshots_created.fetch_add(1, Ordering::Relaxed);
-        self.merge_after_cut();
+        self.volume.merge_after_cut();
         if !frozen.is_empty() {
             self.freezes.record(stall);
         }
@@ -549,19 +549,6 @@ impl VolumeService {
             "cut_ms": report.total.as_secs_f64() * 1e3,
             "drain_ms": report.drain.as_secs_f64() * 1e3,
         }))
-    }
-
-    /// A deleted snapshot's layer right under the live head only gave back the blocks the
-    /// head covered; the cut has now sealed that head, so the rest can be merged. Done after
-    /// the thaw, so writers never wait for it; a failure leaves the layer pending for the
-    /// next delete, and the snapshot stands.
-    fn merge_after_cut(&self) {
-        if !self.volume.has_pending_merges() {
-            return;
-        }
-        if let Err(e) = self.volume.maintain() {
-            tracing::warn!(error = %e, "merging deleted snapshots after the cut failed; the next delete tries again");
-        }
     }
 
     /// Freezes `mounts` with this service's watchdog and marker.
@@ -932,27 +919,9 @@ mod tests {
         assert_eq!(before.io["write"].requests, 1);
         assert_eq!(before.io["write"].bytes, 8192);
         assert_eq!(before.freeze.count(), 0);
-        svc.handle(
-            1,
-            Command::SnapshotCreate(SnapshotCreateArgs {
-                name: "s1".into(),
-                freeze: FreezeMode::None,
-                mount: None,
-                freeze_timeout_ms: None,
-            }),
-        )
-        .expect("snapshot");
+        svc.handle(1, create_args("s1")).expect("snapshot");
         // The same name again is the same snapshot: not counted twice.
-        svc.handle(
-            1,
-            Command::SnapshotCreate(SnapshotCreateArgs {
-                name: "s1".into(),
-                freeze: FreezeMode::None,
-                mount: None,
-                freeze_timeout_ms: None,
-            }),
-        )
-        .expect("again");
+        svc.handle(1, create_args("s1")).expect("again");
         io.queue(0).record(
             crate::stats::Direction::Read,
             4096,

@@ -5,8 +5,6 @@
 //! blocks. Writes then fail with ENOSPC (never acknowledged). The state below says so
 //! until the file system has room again: more free space than it had at the last ENOSPC.
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -65,17 +63,11 @@ pub(crate) struct DiskState {
 
 /// Free and total bytes of the file system holding `dir`.
 pub(crate) fn space(dir: &Path) -> Option<(u64, u64)> {
-    let c = CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs fills the zeroed struct we own; the path is a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    if rc != 0 {
-        return None;
-    }
-    let frsize = st.f_frsize as u64;
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    let frsize = st.fragment_size() as u64;
     Some((
-        (st.f_bavail as u64).saturating_mul(frsize),
-        (st.f_blocks as u64).saturating_mul(frsize),
+        (st.blocks_available() as u64).saturating_mul(frsize),
+        (st.blocks() as u64).saturating_mul(frsize),
     ))
 }
 

@@ -20,6 +20,19 @@ use super::maplog::MapLog;
 use super::volume::Volume;
 
 impl Volume {
+    /// After a cut: a deleted snapshot's layer right under the old head only gave back the
+    /// blocks that head covered; the cut has sealed it, so the rest can be merged now. Call
+    /// it once writers run again (after the thaw). A failure leaves the layer pending for
+    /// the next delete; the snapshot stands.
+    pub fn merge_after_cut(&self) {
+        if !self.has_pending_merges() {
+            return;
+        }
+        if let Err(e) = self.maintain() {
+            tracing::warn!(volume = %self.name(), error = %e, "merging deleted snapshots after the cut failed; the next delete tries again");
+        }
+    }
+
     /// Merges every layer whose snapshot was deleted, as far as the live head allows.
     /// Safe to run while the volume serves I/O; one run at a time.
     pub fn maintain(&self) -> Result<()> {

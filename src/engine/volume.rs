@@ -737,7 +737,6 @@ pub struct VolumeStatus {
 }
 
 impl Volume {
-    /// The volume's state.
     /// Whether a deleted snapshot's layer still waits to be merged (cheap: the manifest).
     pub fn has_pending_merges(&self) -> bool {
         self.inner
@@ -749,6 +748,7 @@ impl Volume {
             .any(|l| l.merge_pending)
     }
 
+    /// The volume's state.
     pub fn status(&self) -> VolumeStatus {
         let meta = self.inner.meta.lock();
         let stack = self.stack();
