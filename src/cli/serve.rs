@@ -88,7 +88,7 @@ impl Exposed for ExposedDevice {
 /// system is synced, then gets I/O errors until it is unmounted.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  snapblk serve /var/lib/snapblk/vol1\n  snapblk serve /var/lib/snapblk/vol1 --queues 2 --depth 64\n  snapblk serve /var/lib/snapblk/vol1 --recover          # after the daemon was killed\n  snapblk serve /var/lib/snapblk/vol1 --recover --id 3\n\nLogs go to stderr; set RUST_LOG=debug for more."
+    after_help = "Examples:\n  snapblk serve /var/lib/snapblk/vol1\n  snapblk serve /var/lib/snapblk/vol1 --queues 2 --depth 64\n  snapblk serve /var/lib/snapblk/vol1 --recover          # after the daemon was killed\n  snapblk serve /var/lib/snapblk/vol1 --recover --id 3\n\nEnvironment:\n  SNAPBLK_HEAD_RESERVE  space written ahead of the head's first writes, so that writes\n                        after a snapshot are overwrites for the file system (default 64M,\n                        at most a quarter of the volume; 0 turns it off). `status` shows it.\n  SNAPBLK_VLOG_BUDGET   size of the head's volatile journal in /dev/shm (default 4M)\n\nLogs go to stderr; set RUST_LOG=debug for more."
 )]
 pub struct ServeArgs {
     /// The volume's folder (made with `snapblk volume create`).

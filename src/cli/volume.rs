@@ -191,6 +191,13 @@ pub fn render_status(s: &VolumeStatus) -> String {
         human(s.stored_bytes),
         human(s.map_bytes),
     );
+    if s.slotted_head {
+        out.push_str(&format!(
+            "reserved    {} written ahead for first writes (over-allocation; at most {})\n",
+            human(s.reserved_bytes),
+            human(crate::engine::head_reserve_for(s.size)),
+        ));
+    }
     if let Some(o) = &s.origin {
         out.push_str(&format!("cloned from {o}\n"));
     }

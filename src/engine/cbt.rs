@@ -302,7 +302,7 @@ fn missing_layer(id: u64) -> EngineError {
 fn read_maps(dir: &Path, m: &Manifest, from: usize, to: usize) -> Result<Vec<LayerMap>> {
     m.layers[from..to]
         .iter()
-        .map(|l| MapLog::read_sealed(&layer::map_path(dir, l.id), l.id))
+        .map(|l| MapLog::read_sealed(&layer::map_path(dir, l.id), l.id).map(|(m, _)| m))
         .collect()
 }
 

@@ -7,7 +7,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::error::{EngineError, Result};
-use super::extent::runs;
 use super::fsutil;
 use super::layer;
 use super::manifest::{Ancestor, LayerEntry, Manifest, Origin, FORMAT};
@@ -140,16 +139,12 @@ impl Volume {
                     .map_err(|e| EngineError::io(&dst, e))?;
                 out.set_len(l.data_len()?)
                     .map_err(|e| EngineError::io(&dst, e))?;
+                // The same offsets: the copied map journal names the same slots.
                 let bs = u64::from(self.inner.block_size);
                 let present = l.state.read().map.present.clone();
-                for (s, e) in runs(&present) {
-                    fsutil::copy_range(
-                        &l.data,
-                        &out,
-                        &dst,
-                        u64::from(s) * bs,
-                        (e - u64::from(s)) * bs,
-                    )?;
+                for p in l.file_runs(&present) {
+                    let off = u64::from(p.file_block) * bs;
+                    fsutil::copy_range(&l.data, &out, &dst, off, off, u64::from(p.count) * bs)?;
                 }
                 fsutil::sync_data(&out, &dst)
             }

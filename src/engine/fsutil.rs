@@ -164,19 +164,20 @@ fn write_zeros(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
-/// Copies `[offset, offset+len)` of `src` to the same offsets of `dst` inside the kernel
+/// Copies `len` bytes of `src` at `src_offset` to `dst` at `offset` inside the kernel
 /// (copy_file_range: a reflink on XFS and btrfs), with a plain copy where it is refused.
 pub(crate) fn copy_range(
     src: &File,
     dst: &File,
     dst_path: &Path,
+    src_offset: u64,
     offset: u64,
     len: u64,
 ) -> Result<()> {
     let mut done = 0u64;
     while done < len {
-        let mut off_in = (offset + done) as libc::loff_t;
-        let mut off_out = off_in;
+        let mut off_in = (src_offset + done) as libc::loff_t;
+        let mut off_out = (offset + done) as libc::loff_t;
         let want = (len - done).min(1 << 30) as usize;
         // SAFETY: both descriptors are open files; the offset pointers point to live locals.
         let n = unsafe {
@@ -203,7 +204,14 @@ pub(crate) fn copy_range(
             | Some(libc::EINVAL)
             | Some(libc::ENOSYS)
             | Some(libc::EOPNOTSUPP) => {
-                return copy_plain(src, dst, dst_path, offset + done, len - done);
+                return copy_plain(
+                    src,
+                    dst,
+                    dst_path,
+                    src_offset + done,
+                    offset + done,
+                    len - done,
+                );
             }
             Some(libc::EINTR) => continue,
             _ => return Err(EngineError::io(dst_path, err)),
@@ -212,13 +220,20 @@ pub(crate) fn copy_range(
     Ok(())
 }
 
-fn copy_plain(src: &File, dst: &File, dst_path: &Path, offset: u64, len: u64) -> Result<()> {
+fn copy_plain(
+    src: &File,
+    dst: &File,
+    dst_path: &Path,
+    src_offset: u64,
+    offset: u64,
+    len: u64,
+) -> Result<()> {
     const CHUNK: u64 = 1 << 20;
     let mut buf = AlignedBuf::new(CHUNK.min(len) as usize);
     let mut done = 0;
     while done < len {
         let n = CHUNK.min(len - done) as usize;
-        read_full_at(src, &mut buf[..n], offset + done)
+        read_full_at(src, &mut buf[..n], src_offset + done)
             .map_err(|e| EngineError::io(dst_path, e))?;
         dst.write_all_at(&buf[..n], offset + done)
             .map_err(|e| EngineError::io(dst_path, e))?;
@@ -262,11 +277,24 @@ pub(crate) fn link_or_copy(src: &Path, dst: &Path) -> Result<bool> {
                 .open(dst)
                 .map_err(|e| EngineError::io(dst, e))?;
             d.set_len(len).map_err(|e| EngineError::io(dst, e))?;
-            copy_range(&s, &d, dst, 0, len)?;
+            copy_range(&s, &d, dst, 0, 0, len)?;
             crash_point("link_or_copy:fsync")?;
             d.sync_all().map_err(|e| EngineError::io(dst, e))?;
             Ok(false)
         }
         Err(e) => Err(EngineError::io(dst, e)),
     }
+}
+
+/// A size in bytes with an optional `K`, `M` or `G` suffix (powers of 1024), as the
+/// environment settings take it; None if it is not one.
+pub(crate) fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult))
 }

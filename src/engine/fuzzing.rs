@@ -59,8 +59,8 @@ pub fn vlog_open(path: &Path, bytes: &[u8], blocks: u64) -> std::io::Result<usiz
     match VolatileLog::open(path, layer_id, &incarnation, blocks, budget) {
         Ok((mut log, changes)) => {
             let mut map = super::layermap::LayerMap::default();
-            vlog::apply(&mut map, &changes);
-            let _ = log.record(vlog::Change::Written, 0, 0);
+            vlog::apply(&mut map, None, &changes);
+            let _ = log.record(vlog::Change::Written, 0, 0, None);
             Ok(changes.len())
         }
         Err(e) => Err(std::io::Error::other(e.to_string())),

@@ -1,10 +1,13 @@
 //! One layer of a volume: a sparse data file, its map, and for the writable head the
 //! journal and the count of writes in flight that a cut drains.
 //!
-//! The head's data file has the volume's size. A frozen layer's file keeps the size the
-//! volume had when the layer was sealed (a volume only grows, and a frozen file may be
-//! shared with clones, so it is never extended): it is at most the volume's size and holds
-//! every block its map names.
+//! A layer keeps its blocks in one of two layouts. **Slotted** (every head made by this
+//! build): block `b` lives in the slot its [`SlotTable`] names, and the file is as long as
+//! its slots (plus the head's prepared reserve). **Identity** (layers of older builds and
+//! merge results): block `b` at offset `b * block_size`; the head's file has the volume's
+//! size, and a frozen layer's file keeps the size the volume had when it was sealed (a
+//! volume only grows, and a frozen file may be shared with clones, so it is never
+//! extended): at most the volume's size, and long enough for every block its map names.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -14,10 +17,12 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 use roaring::RoaringBitmap;
+use smallvec::SmallVec;
 
 use super::error::{EngineError, Result};
 use super::layermap::LayerMap;
 use super::maplog::MapLog;
+use super::slots::{SlotAlloc, SlotRun, SlotTable};
 use super::vlog::{self, Change, RecordError, VolatileLog};
 
 /// Folder of the layer files inside a volume folder.
@@ -43,6 +48,19 @@ pub struct LayerState {
     /// The head's volatile journal: every change, recorded before it is acknowledged, so a
     /// new daemon finds it after this one dies (see [`vlog`]).
     pub vlog: Option<VolatileLog>,
+    /// Where each block is in the data file (None: the identity layout).
+    pub slots: Option<SlotTable>,
+    /// Where a slotted head takes new slots from (None once sealed).
+    pub alloc: Option<SlotAlloc>,
+}
+
+/// A part of a write: blocks `[block, block + count)` go to the file at `file_block`
+/// (in blocks; the slot of `block`, or `block` itself in the identity layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placed {
+    pub block: u32,
+    pub file_block: u32,
+    pub count: u32,
 }
 
 impl LayerState {
@@ -53,17 +71,22 @@ impl LayerState {
 
     /// Records a change of blocks `[start, end)` in the volatile journal, then in the map
     /// and the pending set. Nothing changes when the journal cannot record it.
+    /// `slot`: where a write to a slotted layer put block `start` (the others follow).
     pub fn change(
         &mut self,
         kind: Change,
         start: u32,
         end: u64,
+        slot: Option<u32>,
     ) -> std::result::Result<(), RecordError> {
         let Some(range) = super::extent::span(start, end) else {
             return Ok(());
         };
         if let Some(v) = &mut self.vlog {
-            v.record(kind, *range.start(), *range.end())?;
+            v.record(kind, *range.start(), *range.end(), slot)?;
+        }
+        if let (Some(t), Some(s)) = (&mut self.slots, slot) {
+            t.set_run((start, s, range.end() - range.start() + 1));
         }
         match kind {
             Change::Written => self.map.mark_written(start, end),
@@ -81,6 +104,8 @@ pub struct Layer {
     pub id: u64,
     pub data: File,
     pub data_path: PathBuf,
+    /// Blocks live in slots (see [`SlotTable`]), not at their own offsets.
+    pub slotted: bool,
     pub state: RwLock<LayerState>,
     /// The journal, for a head layer (None for layers opened frozen).
     pub log: Option<Mutex<MapLog>>,
@@ -90,6 +115,9 @@ pub struct Layer {
     /// file: a second fdatasync may return 0 although the data never reached the disk, so
     /// once a flush failed, every later one fails too, until the volume is reopened.
     failed: Mutex<Option<String>>,
+    /// Held while the preparer writes zeros into this layer, and while its reserve is
+    /// given back: the two never overlap.
+    pub prep: Mutex<()>,
     inflight: AtomicU64,
     draining: AtomicBool,
     drain_lock: Mutex<()>,
@@ -138,6 +166,7 @@ impl Layer {
             id,
             data,
             data_path,
+            slotted: state.slots.is_some(),
             state: RwLock::new(state),
             log: log.map(Mutex::new),
             sealed: AtomicBool::new(sealed),
@@ -146,6 +175,7 @@ impl Layer {
             drain_lock: Mutex::new(()),
             drained: Condvar::new(),
             failed: Mutex::new(None),
+            prep: Mutex::new(()),
         }
     }
 
@@ -165,8 +195,9 @@ impl Layer {
     ) -> Result<Layer> {
         let inc = incarnation_bytes(dir, id, incarnation)?;
         let dpath = data_path(dir, id);
-        let data = open_data(&dpath, direct, Some(size))?;
-        let log = MapLog::create(&map_path(dir, id), id)?;
+        let slotted = super::prepare::slotted_heads();
+        let data = open_data(&dpath, direct, Some(if slotted { 0 } else { size }))?;
+        let log = MapLog::create(&map_path(dir, id), id, slotted)?;
         let vlog = VolatileLog::create(
             &vlog::path_for(volume_id, id, &dir.join(LAYERS_DIR)),
             id,
@@ -175,6 +206,8 @@ impl Layer {
         )?;
         let state = LayerState {
             vlog: Some(vlog),
+            slots: slotted.then(SlotTable::default),
+            alloc: slotted.then(SlotAlloc::default),
             ..LayerState::default()
         };
         Ok(Layer::new(id, data, dpath, state, Some(log), false))
@@ -213,7 +246,13 @@ impl Layer {
             .metadata()
             .map_err(|e| EngineError::io(&dpath, e))?
             .len();
-        if len < size {
+        // A journal whose creation was interrupted restarts as a slotted one: its layer
+        // holds nothing flushed, whatever the length of its data file.
+        let (log, replayed) =
+            MapLog::open_head(&map_path(dir, id), id, super::prepare::slotted_heads())?;
+        if replayed.slots.is_some() {
+            // A slotted head's file is as long as its slots: checked after the replay.
+        } else if len < size {
             // A head created just before a crash, whose size was never flushed, or a grow
             // that committed before the file's new length was durable: it holds no flushed
             // data past its end (data is synced before the map names it).
@@ -225,9 +264,11 @@ impl Layer {
             tracing::info!(path = %dpath.display(), len, size, "cutting back a head layer whose growth did not commit");
             data.set_len(size).map_err(|e| EngineError::io(&dpath, e))?;
         }
-        check_size(&data, &dpath, size)?;
-        let (log, replayed) = MapLog::open_head(&map_path(dir, id), id)?;
+        if replayed.slots.is_none() {
+            check_size(&data, &dpath, size)?;
+        }
         let mut map = replayed.map;
+        let mut slots = replayed.slots;
         // Changes acknowledged by a daemon that died before flushing them (same boot only).
         let (vlog, changes) = VolatileLog::open(
             &vlog::path_for(volume_id, id, &dir.join(LAYERS_DIR)),
@@ -236,7 +277,7 @@ impl Layer {
             size / u64::from(block_size),
             vlog::budget(),
         )?;
-        let touched = vlog::apply(&mut map, &changes);
+        let touched = vlog::apply(&mut map, slots.as_mut(), &changes);
         if !changes.is_empty() {
             tracing::info!(
                 layer = id,
@@ -246,10 +287,19 @@ impl Layer {
             );
         }
         map.optimize();
+        let alloc = match &slots {
+            Some(t) => {
+                check_slots(&map, t, &dpath, len, block_size)?;
+                Some(SlotAlloc::open(&t.used(), len / u64::from(block_size)))
+            }
+            None => None,
+        };
         let state = LayerState {
             map,
             touched,
             vlog: Some(vlog),
+            slots: slots.take(),
+            alloc,
         };
         Ok(Layer::new(id, data, dpath, state, Some(log), false))
     }
@@ -269,14 +319,15 @@ impl Layer {
             .metadata()
             .map_err(|e| EngineError::io(&dpath, e))?
             .len();
-        if len > size {
+        let (mut map, slots) = MapLog::read_sealed(&map_path(dir, id), id)?;
+        if let Some(t) = &slots {
+            check_slots(&map, t, &dpath, len, block_size)?;
+        } else if len > size {
             return Err(EngineError::corrupt(
                 &dpath,
                 format!("layer data file is {len} bytes, larger than the volume ({size} bytes)"),
             ));
-        }
-        let mut map = MapLog::read_sealed(&map_path(dir, id), id)?;
-        if let Some(last) = map.present.max() {
+        } else if let Some(last) = map.present.max() {
             let need = (u64::from(last) + 1) * u64::from(block_size);
             if need > len {
                 return Err(EngineError::corrupt(
@@ -290,19 +341,22 @@ impl Layer {
         map.optimize();
         let state = LayerState {
             map,
+            slots,
             ..LayerState::default()
         };
         Ok(Layer::new(id, data, dpath, state, None, true))
     }
 
-    /// A frozen twin of this layer with another map (same data file), for merges.
-    pub fn with_map(&self, map: LayerMap) -> Result<Layer> {
+    /// A frozen twin of this layer with another map and placements (same data file), for
+    /// merges. `slots` must be None for an identity layer, Some for a slotted one.
+    pub fn with_map(&self, map: LayerMap, slots: Option<SlotTable>) -> Result<Layer> {
         let data = self
             .data
             .try_clone()
             .map_err(|e| EngineError::io(&self.data_path, e))?;
         let state = LayerState {
             map,
+            slots,
             ..LayerState::default()
         };
         Ok(Layer::new(
@@ -378,7 +432,7 @@ impl Layer {
                 )),
             ));
         }
-        let (touched, present, zeroed, compact, mark) = {
+        let (touched, present, zeroed, placed, compact, mark) = {
             let mut st = self.state.write();
             if st.touched.is_empty() && !seal {
                 return Ok(());
@@ -387,11 +441,18 @@ impl Layer {
             let touched = std::mem::take(&mut st.touched);
             let present = &st.map.present & &touched;
             let zeroed = &st.map.zeroed & &touched;
+            let placed: Vec<SlotRun> = st
+                .slots
+                .as_ref()
+                .map(|t| t.runs_of(&touched))
+                .unwrap_or_default();
             // A journal much larger than the map it describes is rewritten as one checkpoint,
             // taken here, under the same lock, so it matches what the data sync covers.
-            let compact = (log.len() > 4 * st.map.serialized_size() as u64 + (4 << 20))
-                .then(|| st.map.clone());
-            (touched, present, zeroed, compact, mark)
+            let size =
+                st.map.serialized_size() + st.slots.as_ref().map_or(0, |t| t.len() as usize * 12);
+            let compact = (log.len() > 4 * size as u64 + (4 << 20))
+                .then(|| (st.map.clone(), st.slots.clone()));
+            (touched, present, zeroed, placed, compact, mark)
         };
         // Which failures latch (see `failed`): a failed data or journal sync (the kernel
         // may have dropped the pages it could not write, and reports that only once), or
@@ -402,19 +463,20 @@ impl Layer {
         let result: Result<()> = (|| {
             super::fsutil::sync_data(&self.data, &self.data_path)?;
             match &compact {
-                Some(map) => {
+                Some((map, slots)) => {
                     latch = false;
                     *log = MapLog::write_compacted(
                         &self.data_path.with_extension("map"),
                         self.id,
                         map,
+                        slots.as_ref(),
                         seal,
                     )?;
                 }
                 None => {
                     latch = false;
                     if !touched.is_empty() {
-                        log.append_delta(&touched, &present, &zeroed)?;
+                        log.append_delta(&touched, &present, &zeroed, &placed)?;
                     }
                     if seal {
                         log.append_seal()?;
@@ -433,6 +495,8 @@ impl Layer {
                     // Everything is in the sealed map journal: the volatile one is done. Its
                     // file is removed off the cut's path (by maintain, or at the next open).
                     st.vlog = None;
+                    // No more slots are handed out; the preparer gives the reserve back.
+                    st.alloc = None;
                 } else if let (Some(v), Some(m)) = (&mut st.vlog, mark) {
                     v.covered(m);
                 }
@@ -465,9 +529,29 @@ impl Layer {
     /// a change it has not seen covered. Fails, and the change must not be acknowledged,
     /// when shared memory is full or the forced flush fails.
     pub fn record(&self, kind: Change, start: u32, end: u64) -> Result<bool> {
+        self.record_at(kind, start, end, None)
+    }
+
+    /// Records a write of the parts `placed` (data already in the file); see
+    /// [`Layer::record`].
+    pub fn record_write(&self, placed: &[Placed]) -> Result<bool> {
+        let mut advised = false;
+        for p in placed {
+            let slot = self.slotted.then_some(p.file_block);
+            advised |= self.record_at(
+                Change::Written,
+                p.block,
+                u64::from(p.block) + u64::from(p.count),
+                slot,
+            )?;
+        }
+        Ok(advised)
+    }
+
+    fn record_at(&self, kind: Change, start: u32, end: u64, slot: Option<u32>) -> Result<bool> {
         for _ in 0..4 {
             let mut st = self.state.write();
-            match st.change(kind, start, end) {
+            match st.change(kind, start, end, slot) {
                 Ok(()) => return Ok(st.wants_flush()),
                 Err(RecordError::Full) => {
                     drop(st);
@@ -527,6 +611,219 @@ impl Layer {
     pub fn present_blocks(&self) -> u64 {
         self.state.read().map.present.len()
     }
+
+    /// Where a write of blocks `[start, end)` goes in this (head) layer's file: the
+    /// blocks' slots, new ones taken for blocks that have none, or the blocks' own
+    /// offsets in the identity layout. Fails only when a slotted layer's slot space is
+    /// used up.
+    pub fn place_write(&self, start: u32, end: u64) -> Result<SmallVec<[Placed; 2]>> {
+        let count = (end - u64::from(start)) as u32;
+        let mut out = SmallVec::new();
+        if !self.slotted {
+            out.push(Placed {
+                block: start,
+                file_block: start,
+                count,
+            });
+            return Ok(out);
+        }
+        {
+            // Overwrites (the common case) need only the read lock.
+            let st = self.state.read();
+            if let Some(t) = &st.slots {
+                if runs_in(t, start, count, &mut out) {
+                    return Ok(out);
+                }
+            }
+        }
+        out.clear();
+        let mut st = self.state.write();
+        let LayerState { slots, alloc, .. } = &mut *st;
+        let (Some(t), Some(a)) = (slots.as_mut(), alloc.as_mut()) else {
+            // Sealed meanwhile: a write that entered before the seal cannot land here.
+            return Err(EngineError::Invalid(format!(
+                "layer {} is sealed: no write may land in it",
+                self.id
+            )));
+        };
+        let mut b = start;
+        while u64::from(b) < end {
+            if let Some(s) = t.get(b) {
+                push_run(&mut out, b, s, 1);
+                b += 1;
+                continue;
+            }
+            // A run of blocks without a slot: consecutive new slots, as many as one take
+            // gives.
+            let mut n = 1u32;
+            while u64::from(b + n) < end && t.get(b + n).is_none() {
+                n += 1;
+            }
+            let Some((first, got)) = a.take(n) else {
+                return Err(EngineError::io(
+                    &self.data_path,
+                    std::io::Error::from_raw_os_error(libc::ENOSPC),
+                ));
+            };
+            for i in 0..got {
+                t.set(b + i, first + i);
+            }
+            push_run(&mut out, b, first, got);
+            b += got;
+        }
+        Ok(out)
+    }
+
+    /// Where the blocks of `blocks` that this layer holds are in its file, as runs.
+    pub fn file_runs(&self, blocks: &RoaringBitmap) -> Vec<Placed> {
+        let st = self.state.read();
+        match &st.slots {
+            Some(t) => t
+                .runs_of(blocks)
+                .into_iter()
+                .map(|(block, file_block, count)| Placed {
+                    block,
+                    file_block,
+                    count,
+                })
+                .collect(),
+            None => super::extent::runs(blocks)
+                .map(|(s, e)| Placed {
+                    block: s,
+                    file_block: s,
+                    count: (e - u64::from(s)) as u32,
+                })
+                .collect(),
+        }
+    }
+
+    /// Where blocks `[start, start + count)` are in the file, for a read of blocks this
+    /// layer owns: runs in block order (a block with no slot, which open refuses, is
+    /// left out and reads as zeros).
+    pub fn read_runs(&self, start: u32, count: u32, out: &mut SmallVec<[Placed; 4]>) {
+        if !self.slotted {
+            out.push(Placed {
+                block: start,
+                file_block: start,
+                count,
+            });
+            return;
+        }
+        let st = self.state.read();
+        if let Some(t) = &st.slots {
+            for b in start..start + count {
+                if let Some(s) = t.get(b) {
+                    match out.last_mut() {
+                        Some(p) if p.block + p.count == b && p.file_block + p.count == s => {
+                            p.count += 1
+                        }
+                        _ => out.push(Placed {
+                            block: b,
+                            file_block: s,
+                            count: 1,
+                        }),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Slots prepared ahead of need and not handed out yet (bytes, with `block_size`).
+    pub fn reserve_bytes(&self, block_size: u32) -> u64 {
+        self.state
+            .read()
+            .alloc
+            .as_ref()
+            .map_or(0, |a| a.reserve() * u64::from(block_size))
+    }
+
+    /// Gives back the space of a sealed slotted layer's file that no block uses (the
+    /// head's prepared reserve): punches unused slots and cuts the file after the last
+    /// used one. Nothing reads those slots, so readers are not disturbed.
+    pub fn trim_reserve(&self, block_size: u32) -> Result<u64> {
+        let _one = self.prep.lock();
+        if !self.sealed.load(Ordering::SeqCst) {
+            return Ok(0);
+        }
+        let (used, end) = {
+            let st = self.state.read();
+            match &st.slots {
+                Some(t) => (t.used(), t.end()),
+                None => return Ok(0),
+            }
+        };
+        let bs = u64::from(block_size);
+        let len = self.data_len()?;
+        let mut freed = 0;
+        if len > end * bs {
+            self.data
+                .set_len(end * bs)
+                .map_err(|e| EngineError::io(&self.data_path, e))?;
+            freed += len - end * bs;
+        }
+        let mut at = 0u64;
+        for (s, e) in super::extent::runs(&used) {
+            if u64::from(s) > at {
+                super::fsutil::punch_hole(
+                    &self.data,
+                    &self.data_path,
+                    at * bs,
+                    (u64::from(s) - at) * bs,
+                )?;
+                freed += (u64::from(s) - at) * bs;
+            }
+            at = e;
+        }
+        Ok(freed)
+    }
+}
+
+/// Appends the run `(block, slot, n)` to `out`, merged with the last run when it follows.
+fn push_run(out: &mut SmallVec<[Placed; 2]>, block: u32, slot: u32, n: u32) {
+    match out.last_mut() {
+        Some(p) if p.block + p.count == block && p.file_block + p.count == slot => p.count += n,
+        _ => out.push(Placed {
+            block,
+            file_block: slot,
+            count: n,
+        }),
+    }
+}
+
+/// The runs of blocks `[start, start + count)` in `t`; false if a block has no slot.
+fn runs_in(t: &SlotTable, start: u32, count: u32, out: &mut SmallVec<[Placed; 2]>) -> bool {
+    for b in start..start + count {
+        match t.get(b) {
+            Some(s) => push_run(out, b, s, 1),
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Refuses a slotted layer whose placements do not fit its file or leave a block with
+/// data but no slot.
+fn check_slots(
+    map: &LayerMap,
+    t: &SlotTable,
+    path: &Path,
+    len: u64,
+    block_size: u32,
+) -> Result<()> {
+    let need = t.end() * u64::from(block_size);
+    if need > len {
+        return Err(EngineError::corrupt(
+            path,
+            format!("layer data file is {len} bytes, but its map names slots up to byte {need}"),
+        ));
+    }
+    if let Some(b) = map.present.iter().find(|&b| t.get(b).is_none()) {
+        return Err(EngineError::corrupt(
+            path,
+            format!("block {b} has data in the layer but no slot in its file"),
+        ));
+    }
+    Ok(())
 }
 
 /// The bytes of layer `id`'s incarnation, or a corruption report naming the manifest.

@@ -91,7 +91,22 @@ impl LayerMap {
 
     /// Reverse of [`LayerMap::encode`] for exactly `N` bitmaps; refuses trailing or
     /// missing bytes.
-    pub fn decode<const N: usize>(mut bytes: &[u8]) -> io::Result<[RoaringBitmap; N]> {
+    #[cfg(test)]
+    pub fn decode<const N: usize>(bytes: &[u8]) -> io::Result<[RoaringBitmap; N]> {
+        let (out, rest) = Self::decode_prefix::<N>(bytes)?;
+        if !rest.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "trailing bytes after the bitmaps",
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Decodes `N` bitmaps from the start of `bytes`; returns them and what follows.
+    pub fn decode_prefix<const N: usize>(
+        mut bytes: &[u8],
+    ) -> io::Result<([RoaringBitmap; N], &[u8])> {
         let mut out: [RoaringBitmap; N] = std::array::from_fn(|_| RoaringBitmap::new());
         for slot in out.iter_mut() {
             let mut len = [0u8; 8];
@@ -107,13 +122,7 @@ impl LayerMap {
             *slot = RoaringBitmap::deserialize_from(head)?;
             bytes = rest;
         }
-        if !bytes.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "trailing bytes after the bitmaps",
-            ));
-        }
-        Ok(out)
+        Ok((out, bytes))
     }
 }
 

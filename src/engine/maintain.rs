@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::error::{EngineError, Result};
-use super::extent::runs;
 use super::fsutil;
 use super::layer::{self, Layer};
 use super::layermap::LayerMap;
@@ -95,13 +94,16 @@ impl Volume {
         if new_map == lower.state.read().map || lower.is_shared()? {
             return Ok(());
         }
+        // A slotted layer keeps its placements: the freed blocks' slots become holes.
+        let slots = lower.state.read().slots.clone();
         MapLog::write_compacted(
             &layer::map_path(&self.inner.dir, lower.id),
             lower.id,
             &new_map,
+            slots.as_ref(),
             true,
         )?;
-        let replacement = Arc::new(lower.with_map(new_map)?);
+        let replacement = Arc::new(lower.with_map(new_map, slots)?);
         self.replace_layers(&[lower.id], replacement, |_| {})?;
         // Reads planned before the swap may still use the old map: wait for them to finish
         // before the blocks become holes.
@@ -110,9 +112,9 @@ impl Volume {
             return Ok(());
         }
         let bs = u64::from(self.inner.block_size);
-        for (s, e) in runs(&dead) {
-            let off = u64::from(s) * bs;
-            fsutil::punch_hole(&lower.data, &lower.data_path, off, (e - u64::from(s)) * bs)?;
+        for p in lower.file_runs(&dead) {
+            let off = u64::from(p.file_block) * bs;
+            fsutil::punch_hole(&lower.data, &lower.data_path, off, u64::from(p.count) * bs)?;
         }
         tracing::info!(
             volume = %self.inner.name,
@@ -137,35 +139,35 @@ impl Volume {
         let bs = u64::from(self.inner.block_size);
         let dir = &self.inner.dir;
         let target = if upper.is_shared()? {
-            // A clone shares the upper layer: build the merged layer in a new file.
+            // A clone shares the upper layer: build the merged layer in a new file, in the
+            // identity layout.
             let id = self.inner.meta.lock().take_layer_id();
-            // As long as the file it replaces: the size the volume had when it was sealed,
-            // so a clone of its snapshot can use it.
-            let len = upper.data_len()?;
+            // As long as the file it replaces, for an identity layer: the size the volume
+            // had when it was sealed, so a clone of its snapshot can use it; a slotted
+            // one's file says nothing of that size, so: up to its last block.
+            let len = if upper.slotted {
+                merged.present.max().map_or(0, |b| (u64::from(b) + 1) * bs)
+            } else {
+                upper.data_len()?
+            };
             let built = (|| {
                 let fresh = Layer::create_merge_target(dir, id, len, self.inner.direct)?;
                 let present = upper.state.read().map.present.clone();
-                for (s, e) in runs(&present) {
-                    fsutil::copy_range(
-                        &upper.data,
-                        &fresh.data,
-                        &fresh.data_path,
-                        u64::from(s) * bs,
-                        (e - u64::from(s)) * bs,
-                    )?;
-                }
-                for (s, e) in runs(&copy) {
-                    fsutil::copy_range(
-                        &lower.data,
-                        &fresh.data,
-                        &fresh.data_path,
-                        u64::from(s) * bs,
-                        (e - u64::from(s)) * bs,
-                    )?;
+                for (src, blocks) in [(upper, &present), (lower, &copy)] {
+                    for p in src.file_runs(blocks) {
+                        fsutil::copy_range(
+                            &src.data,
+                            &fresh.data,
+                            &fresh.data_path,
+                            u64::from(p.file_block) * bs,
+                            u64::from(p.block) * bs,
+                            u64::from(p.count) * bs,
+                        )?;
+                    }
                 }
                 fsutil::sync_data(&fresh.data, &fresh.data_path)?;
-                MapLog::write_compacted(&layer::map_path(dir, id), id, &merged, true)?;
-                fresh.with_map(merged)
+                MapLog::write_compacted(&layer::map_path(dir, id), id, &merged, None, true)?;
+                fresh.with_map(merged, None)
             })();
             match built {
                 Ok(l) => Arc::new(l),
@@ -181,20 +183,50 @@ impl Volume {
                 }
             }
         } else {
-            // Blocks the upper map does not name are invisible: fill them in place, then
-            // switch the upper map; the content of every view stays the same throughout.
-            for (s, e) in runs(&copy) {
+            // Blocks the upper map does not name are invisible: fill them in place (an
+            // identity layer), or in new slots past the end of its file (a slotted one),
+            // then switch the upper map; the content of every view stays the same
+            // throughout, and a crash before the switch leaves only unnamed data behind.
+            // The preparer's trim of a just-sealed head waits (same lock).
+            let _trim = upper.prep.lock();
+            let mut slots = upper.state.read().slots.clone();
+            let mut next = match &slots {
+                Some(t) => (upper.data_len()? / bs).max(t.end()),
+                None => 0,
+            };
+            for p in lower.file_runs(&copy) {
+                let dst = match &mut slots {
+                    Some(t) => {
+                        if next + u64::from(p.count) > super::slots::MAX_SLOTS {
+                            return Err(EngineError::Invalid(format!(
+                                "layer {} has no slots left for a merge",
+                                upper.id
+                            )));
+                        }
+                        t.set_run((p.block, next as u32, p.count));
+                        next += u64::from(p.count);
+                        next - u64::from(p.count)
+                    }
+                    None => u64::from(p.block),
+                };
                 fsutil::copy_range(
                     &lower.data,
                     &upper.data,
                     &upper.data_path,
-                    u64::from(s) * bs,
-                    (e - u64::from(s)) * bs,
+                    u64::from(p.file_block) * bs,
+                    dst * bs,
+                    u64::from(p.count) * bs,
                 )?;
             }
             fsutil::sync_data(&upper.data, &upper.data_path)?;
-            MapLog::write_compacted(&layer::map_path(dir, upper.id), upper.id, &merged, true)?;
-            Arc::new(upper.with_map(merged)?)
+            MapLog::write_compacted(
+                &layer::map_path(dir, upper.id),
+                upper.id,
+                &merged,
+                slots.as_ref(),
+                true,
+            )?;
+            Arc::new(upper.with_map(merged, slots)?)
         };
         let (lower_id, upper_id, target_id) = (lower.id, upper.id, target.id);
         self.replace_layers(&[lower_id, upper_id], target, |m| {

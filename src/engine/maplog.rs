@@ -5,14 +5,18 @@
 //! only its last record. Sealing a layer appends `Seal`; compaction rewrites the log as one
 //! `Checkpoint` (+ `Seal`) through an atomic rename.
 //!
-//! Layout (version 1, little endian):
+//! Layout (little endian; version 1: an identity layer, block `b` at `b * block_size` in
+//! its data file; version 2: a slotted layer, whose records also carry placements, see
+//! `slots`):
 //! - header, 32 bytes: magic `SNAPBLKM`, version u32, reserved u32, layer id u64,
 //!   crc32c of the first 24 bytes u32, 4 bytes zero;
 //! - records: magic u32 `0x314D4C53`, kind u8, 3 bytes zero, payload length u32,
 //!   crc32c u32 over kind, length and payload, then the payload.
 //!   Kinds: 1 Delta (payload: three length-prefixed portable roaring bitmaps: the blocks
 //!   touched, those of them holding data, those of them reading as zeros), 2 Checkpoint
-//!   (two bitmaps: present, zeroed), 3 Seal (empty payload).
+//!   (two bitmaps: present, zeroed), 3 Seal (empty payload). In version 2, Delta and
+//!   Checkpoint payloads end with a placement list (`slots::encode_runs`): the slots of
+//!   the touched blocks that have one (Delta), of every placed block (Checkpoint).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -23,10 +27,13 @@ use roaring::RoaringBitmap;
 use super::error::{EngineError, Result};
 use super::fsutil;
 use super::layermap::LayerMap;
+use super::slots::{self, SlotRun, SlotTable};
 
 const MAGIC: &[u8; 8] = b"SNAPBLKM";
-/// Version of the map log format this build writes and reads.
+/// Version of the map log of an identity layer (block `b` at `b * block_size`).
 pub const VERSION: u32 = 1;
+/// Version of the map log of a slotted layer (blocks at the slots its records name).
+pub const VERSION_SLOTTED: u32 = 2;
 const HEADER_LEN: u64 = 32;
 const REC_MAGIC: u32 = 0x314D_4C53;
 const REC_HEADER_LEN: usize = 16;
@@ -44,6 +51,8 @@ enum Kind {
 /// What a replay found.
 pub struct Replayed {
     pub map: LayerMap,
+    /// The placements of a slotted layer (None: an identity layer).
+    pub slots: Option<SlotTable>,
     /// The log ends with a Seal record.
     pub sealed: bool,
     /// Bytes of the log that were valid (a torn tail past this was dropped).
@@ -59,12 +68,14 @@ pub struct MapLog {
     len: u64,
     /// A failed append could not be cut back: the file may end with part of a record.
     damaged: bool,
+    /// Records carry placements (version 2).
+    slotted: bool,
 }
 
 impl MapLog {
     /// Creates a new, empty log for `layer_id` at `path` (not yet durable: sync it and its
     /// directory before anything refers to it).
-    pub fn create(path: &Path, layer_id: u64) -> Result<MapLog> {
+    pub fn create(path: &Path, layer_id: u64, slotted: bool) -> Result<MapLog> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -72,27 +83,33 @@ impl MapLog {
             .mode(fsutil::PRIVATE_FILE)
             .open(path)
             .map_err(|e| EngineError::io(path, e))?;
-        file.write_all_at(&header(layer_id), 0)
+        file.write_all_at(&header(layer_id, slotted), 0)
             .map_err(|e| EngineError::io(path, e))?;
         Ok(MapLog {
             file,
             path: path.to_path_buf(),
             len: HEADER_LEN,
             damaged: false,
+            slotted,
         })
     }
 
-    /// Writes a fresh log holding `map` as one checkpoint (and a seal if `sealed`), and
-    /// atomically puts it at `path`, replacing any older log there.
+    /// Writes a fresh log holding `map` (and the placements `slots` of a slotted layer)
+    /// as one checkpoint (and a seal if `sealed`), and atomically puts it at `path`,
+    /// replacing any older log there.
     pub fn write_compacted(
         path: &Path,
         layer_id: u64,
         map: &LayerMap,
+        slots: Option<&SlotTable>,
         sealed: bool,
     ) -> Result<MapLog> {
-        let mut bytes = header(layer_id).to_vec();
+        let mut bytes = header(layer_id, slots.is_some()).to_vec();
         let mut payload = Vec::with_capacity(map.serialized_size() + 16);
         LayerMap::encode(&[&map.present, &map.zeroed], &mut payload);
+        if let Some(t) = slots {
+            slots::encode_runs(&t.runs(), &mut payload);
+        }
         push_record(&mut bytes, Kind::Checkpoint, &payload)?;
         if sealed {
             push_record(&mut bytes, Kind::Seal, &[])?;
@@ -108,12 +125,15 @@ impl MapLog {
             path: path.to_path_buf(),
             len: bytes.len() as u64,
             damaged: false,
+            slotted: slots.is_some(),
         })
     }
 
     /// Opens the log of a head layer for appending: replays it, drops a torn last record
     /// (an unflushed change lost in a crash), and positions appends after the valid part.
-    pub fn open_head(path: &Path, layer_id: u64) -> Result<(MapLog, Replayed)> {
+    /// A journal whose creation a crash interrupted is started over as a `slotted` one
+    /// or not.
+    pub fn open_head(path: &Path, layer_id: u64, slotted: bool) -> Result<(MapLog, Replayed)> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -124,7 +144,7 @@ impl MapLog {
             // Created just before a crash and never flushed: nothing was recorded in it.
             tracing::info!(path = %path.display(), "rewriting the header of a head journal whose creation was interrupted");
             file.set_len(0).map_err(|e| EngineError::io(path, e))?;
-            file.write_all_at(&header(layer_id), 0)
+            file.write_all_at(&header(layer_id, slotted), 0)
                 .map_err(|e| EngineError::io(path, e))?;
         }
         let replayed = replay(&file, path, layer_id, true)?;
@@ -144,13 +164,15 @@ impl MapLog {
                 path: path.to_path_buf(),
                 len,
                 damaged: false,
+                slotted: replayed.slots.is_some(),
             },
             replayed,
         ))
     }
 
-    /// Reads the map of a frozen layer; the log must be whole and end with a seal.
-    pub fn read_sealed(path: &Path, layer_id: u64) -> Result<LayerMap> {
+    /// Reads the map (and placements, for a slotted layer) of a frozen layer; the log must
+    /// be whole and end with a seal.
+    pub fn read_sealed(path: &Path, layer_id: u64) -> Result<(LayerMap, Option<SlotTable>)> {
         let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
         let r = replay(&file, path, layer_id, false)?;
         if !r.sealed {
@@ -159,19 +181,28 @@ impl MapLog {
                 "the map of a frozen layer does not end with a seal record (truncated?)",
             ));
         }
-        Ok(r.map)
+        Ok((r.map, r.slots))
     }
 
     /// Appends the final state of the `touched` blocks (not durable until [`MapLog::sync`]).
+    /// `placed` (a slotted layer's only) are the slots of the touched blocks.
     pub fn append_delta(
         &mut self,
         touched: &RoaringBitmap,
         present: &RoaringBitmap,
         zeroed: &RoaringBitmap,
+        placed: &[SlotRun],
     ) -> Result<()> {
         let size = touched.serialized_size() + present.serialized_size() + zeroed.serialized_size();
-        let mut payload = Vec::with_capacity(size + 24);
+        let mut payload = Vec::with_capacity(size + 32 + placed.len() * 12);
         LayerMap::encode(&[touched, present, zeroed], &mut payload);
+        if self.slotted {
+            slots::encode_runs(placed, &mut payload);
+        } else if !placed.is_empty() {
+            return Err(EngineError::Invalid(
+                "placements for a layer that keeps blocks at their own offsets".into(),
+            ));
+        }
         self.append(Kind::Delta, &payload)
     }
 
@@ -248,10 +279,11 @@ fn is_all_zero(file: &File, path: &Path, size: u64) -> Result<bool> {
     Ok(buf.iter().all(|&b| b == 0))
 }
 
-fn header(layer_id: u64) -> [u8; HEADER_LEN as usize] {
+fn header(layer_id: u64, slotted: bool) -> [u8; HEADER_LEN as usize] {
     let mut h = [0u8; HEADER_LEN as usize];
     h[..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    let version = if slotted { VERSION_SLOTTED } else { VERSION };
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[16..24].copy_from_slice(&layer_id.to_le_bytes());
     let crc = crc32c::crc32c(&h[..24]);
     h[24..28].copy_from_slice(&crc.to_le_bytes());
@@ -315,9 +347,30 @@ pub(crate) fn replay_bytes(
             format!("map log is {} bytes, shorter than its header", bytes.len()),
         ));
     }
-    check_header(&bytes[..HEADER_LEN as usize], path, layer_id)?;
+    let slotted = check_header(&bytes[..HEADER_LEN as usize], path, layer_id)?;
 
     let mut map = LayerMap::default();
+    let mut table = slotted.then(SlotTable::default);
+    // Bitmaps first; in a slotted log, the placements after them.
+    let split = |payload: &[u8], n: usize| -> std::io::Result<(Vec<RoaringBitmap>, Vec<SlotRun>)> {
+        let (bms, rest): (Vec<RoaringBitmap>, &[u8]) = if n == 3 {
+            let (b, r) = LayerMap::decode_prefix::<3>(payload)?;
+            (b.into(), r)
+        } else {
+            let (b, r) = LayerMap::decode_prefix::<2>(payload)?;
+            (b.into(), r)
+        };
+        if slotted {
+            Ok((bms, slots::decode_runs(rest)?))
+        } else if rest.is_empty() {
+            Ok((bms, Vec::new()))
+        } else {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "trailing bytes after the bitmaps",
+            ))
+        }
+    };
     let mut sealed = false;
     let mut pos = HEADER_LEN as usize;
     while pos < bytes.len() {
@@ -326,20 +379,33 @@ pub(crate) fn replay_bytes(
             Ok((kind, payload, total)) => {
                 match kind {
                     Kind::Delta => {
-                        let [t, p, z] = LayerMap::decode::<3>(payload).map_err(|e| {
+                        let (bms, placed) = split(payload, 3).map_err(|e| {
                             EngineError::corrupt(path, format!("record at byte {pos}: {e}"))
                         })?;
+                        let [t, p, z]: [RoaringBitmap; 3] = bms
+                            .try_into()
+                            .map_err(|_| EngineError::corrupt(path, "bitmap count"))?;
                         map.apply(&t, &p, &z);
+                        if let Some(table) = &mut table {
+                            placed.into_iter().for_each(|r| table.set_run(r));
+                        }
                         sealed = false;
                     }
                     Kind::Checkpoint => {
-                        let [p, z] = LayerMap::decode::<2>(payload).map_err(|e| {
+                        let (bms, placed) = split(payload, 2).map_err(|e| {
                             EngineError::corrupt(path, format!("record at byte {pos}: {e}"))
                         })?;
+                        let [p, z]: [RoaringBitmap; 2] = bms
+                            .try_into()
+                            .map_err(|_| EngineError::corrupt(path, "bitmap count"))?;
                         map = LayerMap {
                             present: p,
                             zeroed: z,
                         };
+                        if let Some(table) = &mut table {
+                            *table = SlotTable::default();
+                            placed.into_iter().for_each(|r| table.set_run(r));
+                        }
                         sealed = false;
                     }
                     Kind::Seal => sealed = true,
@@ -350,6 +416,7 @@ pub(crate) fn replay_bytes(
                 if allow_torn_tail && is_torn_tail(rest) {
                     return Ok(Replayed {
                         map,
+                        slots: table,
                         sealed,
                         valid_len: pos as u64,
                         torn_bytes: rest.len() as u64,
@@ -364,13 +431,15 @@ pub(crate) fn replay_bytes(
     }
     Ok(Replayed {
         map,
+        slots: table,
         sealed,
         valid_len: pos as u64,
         torn_bytes: 0,
     })
 }
 
-fn check_header(h: &[u8], path: &Path, layer_id: u64) -> Result<()> {
+/// Checks a header; returns whether the layer is slotted.
+fn check_header(h: &[u8], path: &Path, layer_id: u64) -> Result<bool> {
     if &h[..8] != MAGIC {
         return Err(EngineError::corrupt(
             path,
@@ -385,11 +454,11 @@ fn check_header(h: &[u8], path: &Path, layer_id: u64) -> Result<()> {
         ));
     }
     let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-    if version != VERSION {
+    if version != VERSION && version != VERSION_SLOTTED {
         return Err(EngineError::UnsupportedVersion {
             path: path.to_path_buf(),
             found: version,
-            supported: VERSION,
+            supported: VERSION_SLOTTED,
         });
     }
     let mut id = [0u8; 8];
@@ -401,7 +470,7 @@ fn check_header(h: &[u8], path: &Path, layer_id: u64) -> Result<()> {
             format!("map log belongs to layer {found}, expected layer {layer_id}"),
         ));
     }
-    Ok(())
+    Ok(version == VERSION_SLOTTED)
 }
 
 /// Parses one record: (kind, payload, total bytes) or why it is not a valid record.
@@ -459,19 +528,19 @@ mod tests {
     fn a_failed_append_leaves_nothing_the_reader_refuses() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("3.map");
-        let mut log = MapLog::create(&path, 3).expect("create");
+        let mut log = MapLog::create(&path, 3, false).expect("create");
         let big = map((0, 5000), (6000, 9000));
         let mut scattered = RoaringBitmap::new();
         scattered.extend((0..20_000u32).map(|b| b * 7));
         crate::engine::faults::fail_append_after(1);
         assert!(log
-            .append_delta(&scattered, &scattered, &RoaringBitmap::new())
+            .append_delta(&scattered, &scattered, &RoaringBitmap::new(), &[])
             .is_err());
         // A short record lands where the failed one started.
-        log.append_delta(&big.cover(), &big.present, &big.zeroed)
+        log.append_delta(&big.cover(), &big.present, &big.zeroed, &[])
             .expect("append after the failure");
         log.sync().expect("sync");
-        let (_, r) = MapLog::open_head(&path, 3).expect("the journal still opens");
+        let (_, r) = MapLog::open_head(&path, 3, false).expect("the journal still opens");
         assert_eq!(r.map, big);
         assert_eq!(
             std::fs::metadata(&path).expect("stat").len(),
@@ -491,15 +560,15 @@ mod tests {
     fn deltas_replay_in_order_and_seal_is_seen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("1.map");
-        let mut log = MapLog::create(&path, 1).expect("create");
+        let mut log = MapLog::create(&path, 1, false).expect("create");
         let a = map((0, 10), (20, 30));
-        log.append_delta(&a.cover(), &a.present, &a.zeroed)
+        log.append_delta(&a.cover(), &a.present, &a.zeroed, &[])
             .expect("append");
         let b = map((25, 26), (0, 2));
-        log.append_delta(&b.cover(), &b.present, &b.zeroed)
+        log.append_delta(&b.cover(), &b.present, &b.zeroed, &[])
             .expect("append");
         log.sync().expect("sync");
-        let (_, r) = MapLog::open_head(&path, 1).expect("open");
+        let (_, r) = MapLog::open_head(&path, 1, false).expect("open");
         let mut want = a.clone();
         want.apply(&b.cover(), &b.present, &b.zeroed);
         assert_eq!(r.map, want);
@@ -509,24 +578,24 @@ mod tests {
             "unsealed log read as frozen"
         );
         log.append_seal().expect("seal");
-        assert_eq!(MapLog::read_sealed(&path, 1).expect("sealed"), want);
+        assert_eq!(MapLog::read_sealed(&path, 1).expect("sealed").0, want);
     }
 
     #[test]
     fn torn_tail_is_dropped_for_a_head_and_refused_for_a_frozen_layer() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("2.map");
-        let mut log = MapLog::create(&path, 2).expect("create");
+        let mut log = MapLog::create(&path, 2, false).expect("create");
         let a = map((0, 4), (9, 9));
-        log.append_delta(&a.cover(), &a.present, &a.zeroed)
+        log.append_delta(&a.cover(), &a.present, &a.zeroed, &[])
             .expect("append");
         let good = log.len();
         let b = map((100, 200), (9, 9));
-        log.append_delta(&b.cover(), &b.present, &b.zeroed)
+        log.append_delta(&b.cover(), &b.present, &b.zeroed, &[])
             .expect("append");
         let f = OpenOptions::new().write(true).open(&path).expect("open");
         f.set_len(log.len() - 3).expect("truncate");
-        let (log2, r) = MapLog::open_head(&path, 2).expect("torn tail tolerated");
+        let (log2, r) = MapLog::open_head(&path, 2, false).expect("torn tail tolerated");
         assert_eq!(r.map, a);
         assert_eq!(log2.len(), good);
         assert_eq!(std::fs::metadata(&path).expect("stat").len(), good);
@@ -536,15 +605,15 @@ mod tests {
     fn damage_in_the_middle_is_an_error_naming_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("3.map");
-        let mut log = MapLog::create(&path, 3).expect("create");
+        let mut log = MapLog::create(&path, 3, false).expect("create");
         let a = map((0, 4), (9, 9));
-        log.append_delta(&a.cover(), &a.present, &a.zeroed)
+        log.append_delta(&a.cover(), &a.present, &a.zeroed, &[])
             .expect("append");
-        log.append_delta(&a.cover(), &a.present, &a.zeroed)
+        log.append_delta(&a.cover(), &a.present, &a.zeroed, &[])
             .expect("append");
         let f = OpenOptions::new().write(true).open(&path).expect("open");
         f.write_all_at(&[0xAA], HEADER_LEN + 20).expect("flip");
-        let err = MapLog::open_head(&path, 3).err().expect("must fail");
+        let err = MapLog::open_head(&path, 3, false).err().expect("must fail");
         assert!(err.to_string().contains("3.map"), "{err}");
         assert!(err.to_string().contains("checksum"), "{err}");
     }
@@ -558,9 +627,12 @@ mod tests {
         {
             let path = dir.path().join(format!("{i}.map"));
             std::fs::write(&path, &content).expect("write");
-            let (_, r) = MapLog::open_head(&path, 9).expect("opens as empty");
+            let (_, r) = MapLog::open_head(&path, 9, false).expect("opens as empty");
             assert_eq!(r.map, LayerMap::default());
-            assert!(MapLog::open_head(&path, 9).is_ok(), "header rewritten");
+            assert!(
+                MapLog::open_head(&path, 9, false).is_ok(),
+                "header rewritten"
+            );
         }
         let path = dir.path().join("junk.map");
         std::fs::write(&path, b"junk").expect("write");
@@ -574,11 +646,11 @@ mod tests {
     fn wrong_layer_and_bad_header_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("4.map");
-        MapLog::create(&path, 4).expect("create");
-        assert!(MapLog::open_head(&path, 5).is_err());
+        MapLog::create(&path, 4, false).expect("create");
+        assert!(MapLog::open_head(&path, 5, false).is_err());
         let f = OpenOptions::new().write(true).open(&path).expect("open");
         f.write_all_at(b"X", 0).expect("write");
-        assert!(MapLog::open_head(&path, 4).is_err());
+        assert!(MapLog::open_head(&path, 4, false).is_err());
     }
 
     #[test]
@@ -586,7 +658,43 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("5.map");
         let m = map((7, 70_000), (80_000, 80_010));
-        MapLog::write_compacted(&path, 5, &m, true).expect("compact");
-        assert_eq!(MapLog::read_sealed(&path, 5).expect("read"), m);
+        MapLog::write_compacted(&path, 5, &m, None, true).expect("compact");
+        assert_eq!(MapLog::read_sealed(&path, 5).expect("read").0, m);
+    }
+
+    #[test]
+    fn slotted_records_carry_placements() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("6.map");
+        let mut log = MapLog::create(&path, 6, true).expect("create");
+        let a = map((10, 20), (30, 31));
+        log.append_delta(&a.cover(), &a.present, &a.zeroed, &[(10, 100, 10)])
+            .expect("append");
+        let b = map((15, 16), (40, 41));
+        log.append_delta(&b.cover(), &b.present, &b.zeroed, &[(15, 7, 1)])
+            .expect("append");
+        let (_, r) = MapLog::open_head(&path, 6, true).expect("open");
+        let t = r.slots.expect("a slotted log");
+        assert_eq!(t.runs(), vec![(10, 100, 5), (15, 7, 1), (16, 106, 4)]);
+        let mut m = a.clone();
+        m.apply(&b.cover(), &b.present, &b.zeroed);
+        assert_eq!(r.map, m);
+        MapLog::write_compacted(&path, 6, &m, Some(&t), true).expect("compact");
+        let (m2, t2) = MapLog::read_sealed(&path, 6).expect("read");
+        assert_eq!((m2, t2), (m, Some(t)));
+        // An identity log refuses placements, and a slotted one needs its list.
+        let ipath = dir.path().join("7.map");
+        let mut ilog = MapLog::create(&ipath, 7, false).expect("create");
+        assert!(ilog
+            .append_delta(&a.cover(), &a.present, &a.zeroed, &[(10, 1, 1)])
+            .is_err());
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes[8] = 1;
+        let crc = crc32c::crc32c(&bytes[..24]);
+        bytes[24..28].copy_from_slice(&crc.to_le_bytes());
+        assert!(
+            replay_bytes(&bytes, &path, 6, false).is_err(),
+            "placements read as trailing bytes"
+        );
     }
 }

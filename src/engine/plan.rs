@@ -15,7 +15,8 @@ use super::stack::{Stack, UNRESOLVED, ZERO};
 pub enum ReadSource {
     /// The part reads as zeros.
     Zero,
-    /// Read `len` bytes of `fd` at `offset` (layer files use the device's offsets).
+    /// Read `len` bytes of `fd` at `offset` (a block's slot, or its own offset in an
+    /// identity layer).
     File { fd: RawFd, offset: u64 },
 }
 
@@ -51,20 +52,21 @@ pub(crate) fn plan(layers: Stack, start: u32, end: u64, block_size: u32) -> Read
     let mut segments = SmallVec::new();
     if n == 1 {
         let owner = layers.owner_of_block(start);
-        segments.push(segment(&layers, owner, 0, 1, start, bs));
+        push_segments(&mut segments, &layers, owner, 0, 1, start, bs);
     } else if n > 1 {
         let owners = layers.owners(start, end);
         let mut run_start = 0usize;
         for i in 1..=n {
             if i == n || owners[i] != owners[run_start] {
-                segments.push(segment(
+                push_segments(
+                    &mut segments,
                     &layers,
                     owners[run_start],
                     run_start,
                     i - run_start,
                     start,
                     bs,
-                ));
+                );
                 run_start = i;
             }
         }
@@ -75,25 +77,51 @@ pub(crate) fn plan(layers: Stack, start: u32, end: u64, block_size: u32) -> Read
     }
 }
 
-fn segment(
+/// Appends the parts of `count` blocks owned by `owner`, from block `start + first`: one
+/// for zeros or an identity layer, one per run of consecutive slots in a slotted layer.
+fn push_segments(
+    out: &mut SmallVec<[ReadSegment; 4]>,
     layers: &[Arc<Layer>],
     owner: u32,
     first: usize,
     count: usize,
     start: u32,
     bs: u64,
-) -> ReadSegment {
-    let buf_offset = first as u64 * bs;
-    let source = match owner {
-        UNRESOLVED | ZERO => ReadSource::Zero,
-        idx => ReadSource::File {
-            fd: layers[idx as usize].data.as_raw_fd(),
-            offset: (u64::from(start) + first as u64) * bs,
-        },
+) {
+    let zero = |from: u64, blocks: u64| ReadSegment {
+        buf_offset: from * bs,
+        len: blocks * bs,
+        source: ReadSource::Zero,
     };
-    ReadSegment {
-        buf_offset,
-        len: count as u64 * bs,
-        source,
+    let layer = match owner {
+        UNRESOLVED | ZERO => {
+            out.push(zero(first as u64, count as u64));
+            return;
+        }
+        idx => &layers[idx as usize],
+    };
+    let block0 = start + first as u32;
+    let mut runs = SmallVec::new();
+    layer.read_runs(block0, count as u32, &mut runs);
+    let fd = layer.data.as_raw_fd();
+    // Blocks a run does not cover (a slot missing, which open refuses) read as zeros.
+    let mut at = first as u64;
+    for p in runs {
+        let from = first as u64 + u64::from(p.block - block0);
+        if from > at {
+            out.push(zero(at, from - at));
+        }
+        out.push(ReadSegment {
+            buf_offset: from * bs,
+            len: u64::from(p.count) * bs,
+            source: ReadSource::File {
+                fd,
+                offset: u64::from(p.file_block) * bs,
+            },
+        });
+        at = from + u64::from(p.count);
+    }
+    if at < (first + count) as u64 {
+        out.push(zero(at, (first + count) as u64 - at));
     }
 }

@@ -34,8 +34,9 @@
 //! sequence number are in the map journal already), flags u8 (must be 0), 7 bytes zero,
 //! `next` u64 (the next sequence number), incarnation 16 bytes, capacity u64 (entries in
 //! the ring), zeros; then `capacity` 24-byte entries: sequence u64 (0 = empty, written
-//! last), kind u8 (1 written, 2 zeroed, 3 cleared), 3 bytes zero, first block u32, last
-//! block u32, 4 bytes zero. Entry `seq` lives in slot `seq % capacity`; a slot is reused
+//! last), kind u8 (1 written, 2 zeroed, 3 cleared, 4 written to slots), 3 bytes zero,
+//! first block u32, last block u32, then for kind 4 the slot of the first block u32 (the
+//! others follow it), else 4 bytes zero. Entry `seq` lives in slot `seq % capacity`; a slot is reused
 //! once `covered` passes its sequence number.
 
 use std::fs::File;
@@ -77,14 +78,7 @@ pub fn budget() -> u64 {
         return DEFAULT_BUDGET;
     };
     let text = raw.to_string_lossy();
-    let t = text.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
-        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
-        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
-        _ => (t, 1),
-    };
-    match num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)) {
+    match super::fsutil::parse_size(&text) {
         Some(b) => b.clamp(MIN_BUDGET, MAX_BUDGET),
         None => {
             tracing::warn!(value = %text, "{BUDGET_ENV} is not a size in bytes; using the default of 4 MiB");
@@ -106,8 +100,9 @@ pub enum Change {
     Cleared = 3,
 }
 
-/// Changes found at open: (what, first block, last block), oldest first.
-pub type Recovered = Vec<(Change, u32, u32)>;
+/// Changes found at open: (what, first block, last block, slot of the first block for a
+/// write to a slotted layer), oldest first.
+pub type Recovered = Vec<(Change, u32, u32, Option<u32>)>;
 
 /// Why a change could not be recorded (the write must then not be acknowledged).
 #[derive(Debug)]
@@ -370,10 +365,11 @@ fn read_trusted(file: &File, want: &Expect) -> std::result::Result<Found, String
             // Reserved but not finished when the process died: never acknowledged.
             continue;
         }
-        let kind = match e[8] {
-            1 => Change::Written,
-            2 => Change::Zeroed,
-            3 => Change::Cleared,
+        let (kind, placed) = match e[8] {
+            1 => (Change::Written, false),
+            2 => (Change::Zeroed, false),
+            3 => (Change::Cleared, false),
+            4 => (Change::Written, true),
             k => return Err(format!("entry {seq} has unknown kind {k}")),
         };
         let (first, last) = (u32_at(e, 12), u32_at(e, 16));
@@ -383,7 +379,13 @@ fn read_trusted(file: &File, want: &Expect) -> std::result::Result<Found, String
                 want.blocks
             ));
         }
-        changes.push((kind, first, last));
+        let slot = placed.then(|| u32_at(e, 20));
+        if let Some(s) = slot {
+            if u64::from(s) + u64::from(last - first) >= super::slots::MAX_SLOTS {
+                return Err(format!("entry {seq} names slot {s}, past the slot space"));
+            }
+        }
+        changes.push((kind, first, last, slot));
     }
     Ok(Found {
         capacity,
@@ -576,11 +578,13 @@ impl VolatileLog {
     /// Records a change; called under the layer's state lock, before the write is
     /// acknowledged. Refuses when the ring has no free slot or shared memory is full:
     /// the write must not be acknowledged then.
+    /// `slot`: where a write to a slotted layer put block `first` (the others follow).
     pub fn record(
         &mut self,
         kind: Change,
         first: u32,
         last: u32,
+        slot: Option<u32>,
     ) -> std::result::Result<(), RecordError> {
         let seq = self.next_seq;
         if seq - 1 - self.covered >= self.capacity {
@@ -596,9 +600,13 @@ impl VolatileLog {
         self.next_seq += 1;
         let e = &mut self.bytes_mut()[off..off + ENTRY];
         e[0..8].fill(0);
-        e[8] = kind as u8;
+        e[8] = match (kind, slot) {
+            (Change::Written, Some(_)) => 4,
+            _ => kind as u8,
+        };
         e[12..16].copy_from_slice(&first.to_le_bytes());
         e[16..20].copy_from_slice(&last.to_le_bytes());
+        e[20..24].copy_from_slice(&slot.unwrap_or(0).to_le_bytes());
         // The sequence number goes in last: a half-written entry reads as empty.
         std::sync::atomic::fence(Ordering::Release);
         self.bytes_mut()[off..off + 8].copy_from_slice(&seq.to_le_bytes());
@@ -656,10 +664,18 @@ impl Drop for VolatileLog {
     }
 }
 
-/// Applies recovered changes to a map; returns the blocks they touched.
-pub fn apply(map: &mut LayerMap, changes: &[(Change, u32, u32)]) -> roaring::RoaringBitmap {
+/// Applies recovered changes to a map (and the placements to `slots`, for a slotted
+/// layer); returns the blocks they touched.
+pub fn apply(
+    map: &mut LayerMap,
+    mut slots: Option<&mut super::slots::SlotTable>,
+    changes: &[(Change, u32, u32, Option<u32>)],
+) -> roaring::RoaringBitmap {
     let mut touched = roaring::RoaringBitmap::new();
-    for &(kind, first, last) in changes {
+    for &(kind, first, last, slot) in changes {
+        if let (Some(t), Some(s)) = (slots.as_deref_mut(), slot) {
+            t.set_run((first, s, last - first + 1));
+        }
         let end = u64::from(last) + 1;
         match kind {
             Change::Written => map.mark_written(first, end),
@@ -688,27 +704,27 @@ mod tests {
         let p = dir.path().join("7.vlog");
         let (mut log, found) = open(&p, 7);
         assert!(found.is_empty());
-        log.record(Change::Written, 0, 9).expect("record");
-        log.record(Change::Zeroed, 5, 5).expect("record");
+        log.record(Change::Written, 0, 9, None).expect("record");
+        log.record(Change::Zeroed, 5, 5, None).expect("record");
         let mark = log.mark();
-        log.record(Change::Written, 100, 100).expect("record");
+        log.record(Change::Written, 100, 100, None).expect("record");
         drop(log);
         let (mut log, found) = open(&p, 7);
         assert_eq!(
             found,
             vec![
-                (Change::Written, 0, 9),
-                (Change::Zeroed, 5, 5),
-                (Change::Written, 100, 100)
+                (Change::Written, 0, 9, None),
+                (Change::Zeroed, 5, 5, None),
+                (Change::Written, 100, 100, None)
             ]
         );
         log.covered(mark);
         drop(log);
         let (log, found) = open(&p, 7);
-        assert_eq!(found, vec![(Change::Written, 100, 100)]);
+        assert_eq!(found, vec![(Change::Written, 100, 100, None)]);
         assert_eq!(log.mark(), 3);
         let mut m = LayerMap::default();
-        let t = apply(&mut m, &found);
+        let t = apply(&mut m, None, &found);
         assert!(m.present.contains(100) && t.contains(100) && t.len() == 1);
     }
 
@@ -717,12 +733,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("8.vlog");
         let (mut log, _) = open(&p, 8);
-        log.record(Change::Written, 1, 2).expect("record");
+        log.record(Change::Written, 1, 2, None).expect("record");
         drop(log);
         let (_, found) = open(&p, 9);
         assert!(found.is_empty());
         let (mut log, _) = open(&p, 8);
-        log.record(Change::Written, 1, 2).expect("record");
+        log.record(Change::Written, 1, 2, None).expect("record");
         drop(log);
         let (_, found) =
             VolatileLog::open(&p, 8, &[8; 16], BLOCKS, DEFAULT_BUDGET).expect("other incarnation");
@@ -731,7 +747,7 @@ mod tests {
             "another incarnation's journal was trusted"
         );
         let (mut log, _) = open(&p, 8);
-        log.record(Change::Written, 1, 2).expect("record");
+        log.record(Change::Written, 1, 2, None).expect("record");
         drop(log);
         // Pretend another boot wrote it.
         let mut bytes = std::fs::read(&p).expect("read");
@@ -748,11 +764,11 @@ mod tests {
         let (mut log, _) = VolatileLog::open(&p, 9, &INC, BLOCKS, MIN_BUDGET).expect("open");
         let cap = capacity_for(MIN_BUDGET) as u32;
         for i in 0..cap {
-            log.record(Change::Written, i, i).expect("record");
+            log.record(Change::Written, i, i, None).expect("record");
         }
         assert!(log.wants_flush());
         assert!(matches!(
-            log.record(Change::Written, 0, 0),
+            log.record(Change::Written, 0, 0, None),
             Err(RecordError::Full)
         ));
         drop(log);
@@ -765,7 +781,7 @@ mod tests {
         let m = log.mark();
         log.covered(m);
         assert!(!log.wants_flush());
-        log.record(Change::Written, 1, 1).expect("room again");
+        log.record(Change::Written, 1, 1, None).expect("room again");
         assert_eq!(
             std::fs::metadata(&p).expect("stat").len(),
             (HEADER + cap as usize * ENTRY) as u64

@@ -10,11 +10,13 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
+use roaring::RoaringBitmap;
+use smallvec::SmallVec;
 
 use super::aligned::AlignedBuf;
 use super::error::{EngineError, Result};
 use super::fsutil;
-use super::layer::{self, Layer};
+use super::layer::{self, Layer, Placed};
 use super::manifest::{check_geometry, LayerEntry, Manifest, FORMAT};
 use super::plan::{self, ReadPlan, ReadSource};
 use super::vlog::Change;
@@ -77,15 +79,22 @@ pub(crate) struct Inner {
     /// Size in bytes. Read on every request's bounds check; only [`Volume::resize`]
     /// changes it (grows it), under the metadata lock, after the manifest says so and the
     /// head's file can hold it.
-    pub size: AtomicU64,
+    pub size: Arc<AtomicU64>,
     pub block_size: u32,
     pub direct: bool,
-    pub stack: RwLock<Stack>,
+    /// Shared with the preparer (which must never hold the volume itself: the volume's
+    /// lock is released when the last handle drops, on a caller's thread).
+    pub stack: Arc<RwLock<Stack>>,
     pub meta: Mutex<Meta>,
-    /// One merge at a time.
-    pub merge: Mutex<()>,
+    /// One merge at a time (shared with the preparer's trim).
+    pub merge: Arc<Mutex<()>>,
     /// Disk errors seen: a full file system, I/O errors.
     pub disk: super::disk::DiskState,
+    /// Writes zeros ahead of a slotted head's frontier. Declared before the lock, so it
+    /// is stopped before the lock is released.
+    prep: Mutex<Option<super::prepare::Preparer>>,
+    /// The head reserve in bytes, or the setting's (shared with the preparer).
+    reserve: Arc<AtomicU64>,
     _lock: File,
 }
 
@@ -96,14 +105,13 @@ pub struct Volume {
     pub(crate) inner: Arc<Inner>,
 }
 
-/// A write reserved in the head layer by [`Volume::begin_write`]: write the data at
-/// [`WriteTicket::fd`] / [`WriteTicket::file_offset`], then [`WriteTicket::complete`].
+/// A write reserved in the head layer by [`Volume::begin_write`]: write each of
+/// [`WriteTicket::pieces`] to [`WriteTicket::fd`], then [`WriteTicket::complete`].
 /// Dropping it uncompleted means the write failed and the map is left as it was.
 pub struct WriteTicket {
     layer: Arc<Layer>,
-    start: u32,
-    end: u64,
-    offset: u64,
+    placed: SmallVec<[Placed; 2]>,
+    block_size: u32,
 }
 
 impl WriteTicket {
@@ -112,9 +120,18 @@ impl WriteTicket {
         self.layer.data.as_raw_fd()
     }
 
-    /// Offset in that file (the same as the device offset).
-    pub fn file_offset(&self) -> u64 {
-        self.offset
+    /// Where the request's bytes go: `(offset in the request, length, offset in the
+    /// file)`, in request order. One piece unless the blocks' slots are not consecutive.
+    pub fn pieces(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        let bs = u64::from(self.block_size);
+        let first = self.placed.first().map_or(0, |p| p.block);
+        self.placed.iter().map(move |p| {
+            (
+                u64::from(p.block - first) * bs,
+                u64::from(p.count) * bs,
+                u64::from(p.file_block) * bs,
+            )
+        })
     }
 
     /// Records that the data is in the file: reads see it from now on, the volatile
@@ -123,7 +140,7 @@ impl WriteTicket {
     /// server calls both on every write). On error the write must not be acknowledged
     /// (shared memory is full, or a flush forced by a full journal failed).
     pub fn complete(self) -> Result<bool> {
-        self.layer.record(Change::Written, self.start, self.end)
+        self.layer.record_write(&self.placed)
         // Drop runs leave().
     }
 }
@@ -301,23 +318,43 @@ impl Volume {
         if opts.direct && !direct {
             tracing::info!(volume = %name, block_size = manifest.block_size, "layer files use the page cache: the file system's direct I/O alignment does not fit the volume's block size");
         }
-        Ok(Volume {
+        let vol = Volume {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 name,
-                size: AtomicU64::new(manifest.size),
+                size: Arc::new(AtomicU64::new(manifest.size)),
                 block_size: manifest.block_size,
                 direct,
-                stack: RwLock::new(Stack::new(layers)),
+                stack: Arc::new(RwLock::new(Stack::new(layers))),
                 meta: Mutex::new(Meta {
                     next_layer_id: manifest.next_layer_id,
                     manifest,
                 }),
-                merge: Mutex::new(()),
+                merge: Arc::new(Mutex::new(())),
                 disk: super::disk::DiskState::default(),
+                prep: Mutex::new(None),
+                reserve: Arc::new(AtomicU64::new(super::prepare::RESERVE_FROM_ENV)),
                 _lock: lock,
             }),
-        })
+        };
+        let prep = super::prepare::Preparer::start(super::prepare::Shared {
+            dir: vol.inner.dir.clone(),
+            block_size: vol.inner.block_size,
+            size: vol.inner.size.clone(),
+            stack: vol.inner.stack.clone(),
+            merge: vol.inner.merge.clone(),
+            reserve: vol.inner.reserve.clone(),
+        });
+        *vol.inner.prep.lock() = Some(prep);
+        Ok(vol)
+    }
+
+    /// Sets how much space the head keeps written ahead of its first writes (None: the
+    /// `SNAPBLK_HEAD_RESERVE` setting); at most a quarter of the volume either way. Space
+    /// already prepared stays until the head is sealed.
+    pub fn set_head_reserve(&self, bytes: Option<u64>) {
+        let v = bytes.map_or(super::prepare::RESERVE_FROM_ENV, |b| b.min(u64::MAX - 1));
+        self.inner.reserve.store(v, Ordering::Relaxed);
     }
 
     /// Whether layer files bypass the page cache (O_DIRECT).
@@ -375,11 +412,17 @@ impl Volume {
         let head = stack[stack.len() - 1].clone();
         head.enter();
         drop(stack);
+        let placed = match head.place_write(start, end) {
+            Ok(p) => p,
+            Err(e) => {
+                head.leave();
+                return Err(self.noted(e));
+            }
+        };
         Ok(WriteTicket {
             layer: head,
-            start,
-            end,
-            offset,
+            placed,
+            block_size: self.inner.block_size,
         })
     }
 
@@ -397,20 +440,33 @@ impl Volume {
             // A write that stopped halfway (a full or failing disk), for tests.
             let half = (data.len() / 2) as u64 / u64::from(self.inner.block_size)
                 * u64::from(self.inner.block_size);
-            let _ = ticket
-                .layer
-                .data
-                .write_all_at(&data[..half as usize], offset);
+            for (at, len, file_off) in ticket.pieces() {
+                let len = len.min(half.saturating_sub(at));
+                if len > 0 {
+                    let _ = ticket
+                        .layer
+                        .data
+                        .write_all_at(&data[at as usize..(at + len) as usize], file_off);
+                }
+            }
             return Err(self.noted(EngineError::io(path, e)));
         }
-        if self.inner.direct && !AlignedBuf::is_aligned(data) {
-            let mut bounce = AlignedBuf::new(data.len());
-            bounce.copy_from_slice(data);
-            ticket.layer.data.write_all_at(&bounce, offset)
+        let bounce;
+        let data = if self.inner.direct && !AlignedBuf::is_aligned(data) {
+            let mut b = AlignedBuf::new(data.len());
+            b.copy_from_slice(data);
+            bounce = b;
+            &bounce[..]
         } else {
-            ticket.layer.data.write_all_at(data, offset)
+            data
+        };
+        for (at, len, file_off) in ticket.pieces() {
+            ticket
+                .layer
+                .data
+                .write_all_at(&data[at as usize..(at + len) as usize], file_off)
+                .map_err(|e| self.noted(EngineError::io(path, e)))?;
         }
-        .map_err(|e| self.noted(EngineError::io(path, e)))?;
         ticket.complete().map_err(|e| self.noted(e))?;
         if fua {
             self.flush()?;
@@ -461,8 +517,24 @@ impl Volume {
         } else {
             Change::Zeroed
         };
-        let result = fsutil::punch_hole(&head.data, &head.data_path, offset, len)
-            .and_then(|()| head.record(kind, start, end).map(|_| ()));
+        // A slotted head keeps the blocks' slots (a slot is never given to another block):
+        // their space is punched, and a later write of the block goes there again.
+        let punched = if head.slotted {
+            let blocks = RoaringBitmap::from_sorted_iter(start..end as u32)
+                .unwrap_or_else(|_| (start..end as u32).collect());
+            let bs = u64::from(self.inner.block_size);
+            head.file_runs(&blocks).iter().try_for_each(|p| {
+                fsutil::punch_hole(
+                    &head.data,
+                    &head.data_path,
+                    u64::from(p.file_block) * bs,
+                    u64::from(p.count) * bs,
+                )
+            })
+        } else {
+            fsutil::punch_hole(&head.data, &head.data_path, offset, len)
+        };
+        let result = punched.and_then(|()| head.record(kind, start, end).map(|_| ()));
         head.leave();
         result.map_err(|e| self.noted(e))
     }
@@ -514,13 +586,18 @@ impl Volume {
         // Holding the metadata lock: no cut or merge replaces the head meanwhile.
         let stack = self.stack();
         let head = &stack[stack.len() - 1];
-        head.data
-            .set_len(new_size)
-            .map_err(|e| self.noted(EngineError::io(&head.data_path, e)))?;
+        // A slotted head's file follows its slots, not the volume's size.
+        if !head.slotted {
+            head.data
+                .set_len(new_size)
+                .map_err(|e| self.noted(EngineError::io(&head.data_path, e)))?;
+        }
         if let Err(e) = m.store(&self.inner.dir).map_err(|e| self.noted(e)) {
             // Not committed (or not known to be): keep serving the old size. Should the
             // commit have landed after all, the next open extends the head again.
-            let _ = head.data.set_len(old);
+            if !head.slotted {
+                let _ = head.data.set_len(old);
+            }
             return Err(e);
         }
         meta.manifest = m;
@@ -724,8 +801,17 @@ pub struct VolumeStatus {
     pub head_bytes: u64,
     /// Bytes of data held by all layers (what the volume uses on disk, at most).
     pub stored_bytes: u64,
-    /// Memory of the layer maps (their serialized size, a close estimate).
+    /// Memory of the layer maps (their serialized size, a close estimate) and of the
+    /// slot tables of slotted layers.
     pub map_bytes: u64,
+    /// Space the head holds written ahead of need (zeros for first writes after a
+    /// snapshot): the volume's over-allocation, at most the reserve
+    /// (`SNAPBLK_HEAD_RESERVE`, default 64 MiB, at most a quarter of the volume).
+    #[serde(default)]
+    pub reserved_bytes: u64,
+    /// The head keeps blocks in slots (false: at their own offsets, an older layout).
+    #[serde(default)]
+    pub slotted_head: bool,
     /// Snapshot this volume was cloned from, as `volume-id/snapshot`.
     pub origin: Option<String>,
     /// Why flushes fail since a data sync failed (the volume must be reopened).
@@ -757,8 +843,11 @@ impl Volume {
         for l in stack.iter() {
             let st = l.state.read();
             stored += st.map.present.len() * bs;
-            map_bytes += st.map.serialized_size() as u64 + st.touched.serialized_size() as u64;
+            map_bytes += st.map.serialized_size() as u64
+                + st.touched.serialized_size() as u64
+                + st.slots.as_ref().map_or(0, |t| t.memory() as u64);
         }
+        let head = &stack[stack.len() - 1];
         VolumeStatus {
             name: self.inner.name.clone(),
             volume_id: meta.manifest.volume_id.clone(),
@@ -772,9 +861,11 @@ impl Volume {
                 .iter()
                 .filter(|l| l.merge_pending)
                 .count(),
-            head_bytes: stack[stack.len() - 1].present_blocks() * bs,
+            head_bytes: head.present_blocks() * bs,
             stored_bytes: stored,
             map_bytes,
+            reserved_bytes: head.reserve_bytes(self.inner.block_size),
+            slotted_head: head.slotted,
             origin: meta
                 .manifest
                 .origin

@@ -278,14 +278,13 @@ impl TagTable {
                     }
                 };
                 s.pieces.clear();
-                s.pieces.push(Piece {
-                    buf_offset: 0,
-                    len: req.len,
-                    source: ReadSource::File {
-                        fd: ticket.fd(),
-                        offset: ticket.file_offset(),
-                    },
-                });
+                let fd = ticket.fd();
+                s.pieces
+                    .extend(ticket.pieces().map(|(buf_offset, len, offset)| Piece {
+                        buf_offset,
+                        len,
+                        source: ReadSource::File { fd, offset },
+                    }));
                 // Dropped uncompleted on failure: the map stays as it was.
                 s.hold = Hold::Ticket(ticket);
                 self.transfer(tag, s)

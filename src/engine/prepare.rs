@@ -1,0 +1,236 @@
+//! The preparer: writes zeros ahead of a slotted head's slot frontier, so that the first
+//! write of a block after a snapshot lands in space the file system has already
+//! allocated and written (an overwrite), instead of allocating on the write path.
+//!
+//! One thread per open volume. It keeps up to the *reserve* (`SNAPBLK_HEAD_RESERVE`,
+//! default 64 MiB, at most a quarter of the volume) of prepared slots ahead of the head's
+//! frontier, in 4 MiB chunks, and gives a sealed head's unused reserve back. The reserve
+//! is the most a volume over-allocates; `status` shows it. A full file system stops it
+//! (the writes then allocate, as in an identity layout) until space comes back: it
+//! prepares only while the file system keeps 64 MiB or 5% of its size free after the
+//! chunk, whichever is more, so it never takes the last free space from writes.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use super::aligned::AlignedBuf;
+use super::layer::Layer;
+use super::stack::Stack;
+
+/// What the preparer shares with its volume (never the volume itself).
+pub(crate) struct Shared {
+    pub dir: PathBuf,
+    pub block_size: u32,
+    pub size: Arc<AtomicU64>,
+    pub stack: Arc<RwLock<Stack>>,
+    pub merge: Arc<Mutex<()>>,
+    /// Bytes to keep prepared, or [`RESERVE_FROM_ENV`]; capped at a quarter of the volume.
+    pub reserve: Arc<AtomicU64>,
+}
+
+/// Environment setting: the bytes of space a head keeps written ahead of need.
+pub const RESERVE_ENV: &str = "SNAPBLK_HEAD_RESERVE";
+/// Environment setting: `identity` makes new heads keep blocks at their own offsets (the
+/// layout of older builds; first writes after a snapshot then allocate). Default `slots`.
+pub const LAYOUT_ENV: &str = "SNAPBLK_HEAD_LAYOUT";
+const DEFAULT_RESERVE: u64 = 64 << 20;
+const CHUNK: u64 = 4 << 20;
+/// Free space the preparer leaves to writes (or 5% of the file system, if more).
+const KEEP_FREE: u64 = 64 << 20;
+/// Zeros written per call.
+const WRITE: usize = 1 << 20;
+
+/// True when new heads are slotted (the default).
+pub fn slotted_heads() -> bool {
+    match std::env::var(LAYOUT_ENV) {
+        Ok(v) => v.trim() != "identity",
+        Err(_) => true,
+    }
+}
+
+/// The reserve for a volume of `size` bytes: the setting, at most a quarter of the volume.
+pub fn reserve_for(size: u64) -> u64 {
+    configured_reserve().min(size / 4)
+}
+
+/// The reserve setting (`SNAPBLK_HEAD_RESERVE`), before the cap.
+fn configured_reserve() -> u64 {
+    match std::env::var(RESERVE_ENV) {
+        Ok(v) => super::fsutil::parse_size(&v).unwrap_or_else(|| {
+            tracing::warn!(value = %v, "{RESERVE_ENV} is not a size in bytes; using the default of 64 MiB");
+            DEFAULT_RESERVE
+        }),
+        Err(_) => DEFAULT_RESERVE,
+    }
+}
+
+/// Marks the reserve as the setting's ([`Shared::reserve`]).
+pub(crate) const RESERVE_FROM_ENV: u64 = u64::MAX;
+
+/// Stops and joins the preparer thread when the volume is dropped, before its lock is
+/// released: a later open of the same folder never races with zeros still being written.
+pub(crate) struct Preparer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Preparer {
+    /// Starts the thread for the volume whose parts `shared` are.
+    pub(crate) fn start(shared: Shared) -> Preparer {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("snapblk-prep".into())
+            .spawn(move || run(shared, s))
+            .map_err(|e| tracing::warn!(error = %e, "cannot start the head preparer; first writes after a snapshot will allocate"))
+            .ok();
+        Preparer { stop, thread }
+    }
+}
+
+impl Drop for Preparer {
+    fn drop(&mut self) {
+        *self.stop.0.lock() = true;
+        self.stop.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(vol: Shared, stop: Arc<(Mutex<bool>, Condvar)>) {
+    let zeros = AlignedBuf::new(WRITE);
+    // The last head seen, and sealed heads whose reserve is still to give back: weak, so
+    // the preparer never keeps a layer a merge waits to see unused.
+    let mut last: Option<Weak<Layer>> = None;
+    let mut to_trim: Vec<Weak<Layer>> = Vec::new();
+    let failed = AtomicBool::new(false);
+    loop {
+        if *stop.0.lock() {
+            return;
+        }
+        let (head, depth) = {
+            let stack = vol.stack.read();
+            (stack.last().cloned(), stack.len())
+        };
+        let bs = u64::from(vol.block_size);
+        let size = vol.size.load(Ordering::SeqCst);
+        let room = super::disk::space(&vol.dir)
+            .is_some_and(|(free, total)| free >= CHUNK + (KEEP_FREE.max(total / 20)));
+        let Some(head) = head else {
+            return;
+        };
+        if let Some(prev) = last.take() {
+            if prev.as_ptr() != Arc::as_ptr(&head) {
+                to_trim.push(prev);
+            }
+        }
+        last = Some(Arc::downgrade(&head));
+        to_trim.retain(|l| !trim(&vol, l, bs as u32));
+        let reserve = match vol.reserve.load(Ordering::Relaxed) {
+            RESERVE_FROM_ENV => configured_reserve(),
+            r => r,
+        };
+        let target = reserve.min(size / 4) / bs;
+        let claim = if !room || target == 0 {
+            None
+        } else {
+            let mut st = head.state.write();
+            // Blocks that never took a slot are all a head can still need slots for.
+            let unplaced = (size / bs).saturating_sub(st.slots.as_ref().map_or(0, |t| t.len()));
+            let target = target.min(unplaced);
+            // No more slots than blocks are ever needed (a block keeps its slot), plus
+            // one chunk of slack.
+            let limit = size / bs + CHUNK / bs;
+            // A new volume that was never written needs nothing yet; a head made by a
+            // snapshot, or one that took slots, does.
+            st.alloc
+                .as_mut()
+                .filter(|a| depth > 1 || a.next > 0)
+                .and_then(|a| a.claim_next((CHUNK / bs).min(target), target, limit))
+        };
+        let Some((s, e)) = claim else {
+            let mut g = stop.0.lock();
+            if !*g {
+                stop.1.wait_for(&mut g, Duration::from_millis(20));
+            }
+            continue;
+        };
+        let ok = {
+            let _one = head.prep.lock();
+            write_zeros(&head, &zeros, s * bs, (e - s) * bs)
+        };
+        let ok = match ok {
+            Ok(()) => {
+                failed.store(false, Ordering::Relaxed);
+                true
+            }
+            Err(err) => {
+                if !failed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(layer = head.id, file = %head.data_path.display(), error = %err, "could not prepare space ahead of the head's writes; first writes allocate until it can");
+                }
+                false
+            }
+        };
+        if let Some(a) = head.state.write().alloc.as_mut() {
+            a.finish_claim(ok);
+        }
+        if !ok {
+            let mut g = stop.0.lock();
+            if !*g {
+                stop.1.wait_for(&mut g, Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Gives back the unused reserve of the sealed head `prev`, if it is still in the stack
+/// (a merge may have replaced it by a layer with more slots: that one is left alone).
+/// Under the merge lock, so no merge is adding slots to its file meanwhile; while a merge
+/// runs, it returns false (try again later). True when done with `prev`.
+fn trim(vol: &Shared, prev: &Weak<Layer>, block_size: u32) -> bool {
+    let Some(_merge) = vol.merge.try_lock() else {
+        return false;
+    };
+    let Some(prev) = prev.upgrade() else {
+        return true;
+    };
+    if !vol.stack.read().iter().any(|l| Arc::ptr_eq(l, &prev)) {
+        return true;
+    }
+    if !prev.sealed.load(Ordering::SeqCst) {
+        // Its cut has not sealed it yet.
+        return false;
+    }
+    match prev.trim_reserve(block_size) {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::debug!(
+                layer = prev.id,
+                bytes = n,
+                "gave back a sealed head's unused reserve"
+            )
+        }
+        Err(e) => {
+            tracing::warn!(layer = prev.id, error = %e, "could not give back a sealed head's unused reserve")
+        }
+    }
+    true
+}
+
+fn write_zeros(head: &Layer, zeros: &AlignedBuf, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        head.data.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
