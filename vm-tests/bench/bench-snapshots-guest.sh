@@ -7,13 +7,15 @@
 #
 # For each file system (ext4, then xfs) made afresh on the scratch disk, with
 # the volume folders on it:
-#   after  per fio job, a fresh volume filled once; one window of the job
-#          (before), `snapblk snapshot create`, then consecutive windows of the
-#          same job right after, each figure read from fio's per-second log
+#   after  per fio job, a fresh volume filled once; one window of the job to
+#          warm up, one measured (before), `snapblk snapshot create`, then
+#          consecutive windows of the same job right after, each figure read
+#          from fio's per-second log
 #   depth  one volume filled once; 4 KiB random read QD32 with one layer (the
-#          baseline), then random writes and a snapshot, again and again, with
-#          the read measured at each depth asked for, the creation time of the
-#          last snapshots and the daemon's memory
+#          baseline), then random writes and a snapshot, again and again,
+#          with the read measured at each depth asked for, the creation time
+#          of the last snapshots and the daemon's memory; every read window
+#          measured comes after a warm-up window
 # Writes into $RESULTS:
 #   after.tsv  fs, job, window (0 = before), figure, unit, status (ok|fail), note
 #   depth.tsv  fs, depth, read IOPS, median create ms, creates counted, VmRSS KiB,
@@ -235,6 +237,13 @@ windows() {
     fi
 }
 
+# steady OUT RW BS QD: one unmeasured window of the job (caches of the guest's
+# file system and of the daemon warm, host write-back settled), then one
+# measured window from a fresh fio, as the windows after a snapshot are; sets FIGS.
+steady() {
+    windows "$1-warmup" "$2" "$3" "$4" 1 && windows "$1" "$2" "$3" "$4" 1
+}
+
 # snap NAME VOL: take a snapshot through the CLI (crash-consistent: nothing is
 # mounted from the device); sets SNAP_MS.
 snap() {
@@ -256,11 +265,11 @@ after_part() {
     local -a figs
     for job in "${JOBS[@]}"; do
         read -r name rw bs qd unit <<<"$job"
-        info "$fs: $name: fresh volume, fill, ${WINDOW} s before, snapshot, ${NWIN} x ${WINDOW} s after"
+        info "$fs: $name: fresh volume, fill, ${WINDOW} s warm-up, ${WINDOW} s before, snapshot, ${NWIN} x ${WINDOW} s after"
         vol="$MNT/vol-$name"
         REASON=""
         if serve_up "$vol" "$fs-$name" && fill "$fs-$name" \
-            && windows "$RESULTS/fio/$fs-$name-before" "$rw" "$bs" "$qd" 1 && before="$FIGS" \
+            && steady "$RESULTS/fio/$fs-$name-before" "$rw" "$bs" "$qd" && before="$FIGS" \
             && snap "after-$name" "$vol" \
             && windows "$RESULTS/fio/$fs-$name-after" "$rw" "$bs" "$qd" "$NWIN"; then
             read -r -a figs <<<"$FIGS"
@@ -333,12 +342,12 @@ print("-" if r is None else r)' "$RESULTS/status/$2.json" 2>/dev/null || echo -
 # depth_part FS: read IOPS, snapshot create time and memory at each depth.
 depth_part() {
     local fs="$1" vol="$MNT/vol-depth" have=0 d med n rss anon layers spent
-    info "$fs: depth: volume, fill, ${WINDOW} s of 4 KiB random read QD32 with one layer, then $WRITES writes + 1 snapshot up to ${DEPTH_LIST[-1]} snapshots"
+    info "$fs: depth: volume, fill, ${WINDOW} s warm-up + ${WINDOW} s of 4 KiB random read QD32 with one layer, then $WRITES writes + 1 snapshot up to ${DEPTH_LIST[-1]} snapshots"
     local times="$RESULTS/logs/$fs-depth-create-ms.txt"
     : >"$times"
     REASON=""
     if ! { serve_up "$vol" "$fs-depth" && fill "$fs-depth" \
-        && windows "$RESULTS/fio/$fs-depth-0" randread 4k 32 1; }; then
+        && steady "$RESULTS/fio/$fs-depth-0" randread 4k 32; }; then
         FAILED=1
         depth_row "$fs" 0 "" "" "" "" "" "" fail "${REASON:-failed}"
         echo "FAIL: $fs: depth: ${REASON:-failed}"
@@ -368,7 +377,7 @@ depth_part() {
         rss="$(proc_kib "$SERVE_PID" VmRSS)"
         anon="$(proc_kib "$SERVE_PID" RssAnon)"
         layers="$(layers_of "$vol" "$fs-depth-$d")"
-        if windows "$RESULTS/fio/$fs-depth-$d" randread 4k 32 1; then
+        if steady "$RESULTS/fio/$fs-depth-$d" randread 4k 32; then
             depth_row "$fs" "$d" "${FIGS% }" "$med" "$n" "$rss" "$anon" "$layers" ok "writes and snapshots in $spent s"
             info "  $d snapshots: ${FIGS}IOPS; create ${med} ms (median of $n); VmRSS $rss KiB, RssAnon $anon KiB; layers $layers"
         else
