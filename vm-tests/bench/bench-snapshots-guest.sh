@@ -19,7 +19,7 @@
 # Writes into $RESULTS:
 #   after.tsv  fs, job, window (0 = before), figure, unit, status (ok|fail), note
 #   depth.tsv  fs, depth, read IOPS, median create ms, creates counted, VmRSS KiB,
-#              RssAnon KiB, layers, status, note
+#              RssAnon KiB, layers, open files of the daemon, status, note
 #   info.tsv   key, value
 #   fio/, logs/, status/  raw output
 # Exits 1 if a measurement failed.
@@ -43,11 +43,12 @@ Usage: bench-snapshots-guest.sh [options]   (inside the test VM, with a scratch 
   --writes N         random 4 KiB writes before each snapshot of the depth part (default: 256)
   --queues N         ublk queues (default: 2)
   --depth N          ublk queue depth (default: 128)
+  --nofile N         serve under `ulimit -n N` (default: this shell's limit)
   -h, --help         show this help
 EOF
 }
 
-FS_LIST=ext4,xfs PARTS=after,depth SIZE_MIB=512 WINDOW=8 NWIN=3 DEPTHS=1,10,100,1000 WRITES=256 QUEUES=2 QDEPTH=128
+FS_LIST=ext4,xfs PARTS=after,depth SIZE_MIB=512 WINDOW=8 NWIN=3 DEPTHS=1,10,100,1000 WRITES=256 QUEUES=2 QDEPTH=128 NOFILE=""
 need_arg() { [ "$#" -ge 2 ] || { echo "bench-snapshots-guest: option $1 needs a value" >&2; exit 2; }; }
 while [ "$#" -gt 0 ]; do
     case "$1" in
@@ -60,6 +61,7 @@ while [ "$#" -gt 0 ]; do
         --writes) need_arg "$@"; WRITES="$2"; shift ;;
         --queues) need_arg "$@"; QUEUES="$2"; shift ;;
         --depth) need_arg "$@"; QDEPTH="$2"; shift ;;
+        --nofile) need_arg "$@"; NOFILE="$2"; shift ;;
         -h | --help) usage; exit 0 ;;
         *) echo "bench-snapshots-guest: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -69,6 +71,7 @@ bad() { echo "bench-snapshots-guest: $*" >&2; exit 2; }
 for v in SIZE_MIB WINDOW NWIN WRITES QUEUES QDEPTH; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || bad "$v must be a positive number (got '${!v}')"
 done
+[ -z "$NOFILE" ] || [[ "$NOFILE" =~ ^[1-9][0-9]*$ ]] || bad "--nofile must be a positive number (got '$NOFILE')"
 [[ "$DEPTHS" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || bad "--depths must be positive numbers, comma-separated (got '$DEPTHS')"
 [[ "$FS_LIST" =~ ^(ext4|xfs)(,(ext4|xfs))*$ ]] || bad "--fs must list ext4 and/or xfs (got '$FS_LIST')"
 [[ "$PARTS" =~ ^(after|depth)(,(after|depth))*$ ]] || bad "--parts must list after and/or depth (got '$PARTS')"
@@ -124,6 +127,12 @@ put_info windows "$NWIN"
 put_info writes "$WRITES"
 put_info queues "$QUEUES"
 put_info depth "$QDEPTH"
+if [ -n "$NOFILE" ]; then
+    ulimit -n "$NOFILE" || fail "cannot set the open file limit to $NOFILE"
+    put_info nofile "$NOFILE (--nofile)"
+else
+    put_info nofile "$(ulimit -Sn) (the guest's default)"
+fi
 info "kernel $KERNEL_VERSION; scratch disk $VM_SCRATCH_DISK ($disk_mib MiB); file systems ${FSES[*]}; parts $PARTS"
 
 MNT="$WORK/mnt"
@@ -318,7 +327,15 @@ for n in range(first, first + count):
 os.close(fd)
 EOF
 
-depth_row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$DEPTH_TSV"; }
+depth_row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$DEPTH_TSV"; }
+
+# fds_of PID: how many files PID has open, or "-".
+fds_of() {
+    local f n=0
+    [ -d "/proc/$1/fd" ] || { echo -; return; }
+    for f in "/proc/$1/fd/"*; do [ -e "$f" ] || [ -L "$f" ] && n=$((n + 1)); done
+    echo "$n"
+}
 
 # proc_kib PID KEY: a field of /proc/PID/status in KiB, or "-".
 proc_kib() { awk -v k="$2:" '$1 == k { print $2; found = 1 } END { if (!found) print "-" }' "/proc/$1/status" 2>/dev/null || echo -; }
@@ -341,7 +358,7 @@ print("-" if r is None else r)' "$RESULTS/status/$2.json" 2>/dev/null || echo -
 
 # depth_part FS: read IOPS, snapshot create time and memory at each depth.
 depth_part() {
-    local fs="$1" vol="$MNT/vol-depth" have=0 d med n rss anon layers spent
+    local fs="$1" vol="$MNT/vol-depth" have=0 d med n rss anon layers spent fds
     info "$fs: depth: volume, fill, ${WINDOW} s warm-up + ${WINDOW} s of 4 KiB random read QD32 with one layer, then $WRITES writes + 1 snapshot up to ${DEPTH_LIST[-1]} snapshots"
     local times="$RESULTS/logs/$fs-depth-create-ms.txt"
     : >"$times"
@@ -349,14 +366,14 @@ depth_part() {
     if ! { serve_up "$vol" "$fs-depth" && fill "$fs-depth" \
         && steady "$RESULTS/fio/$fs-depth-0" randread 4k 32; }; then
         FAILED=1
-        depth_row "$fs" 0 "" "" "" "" "" "" fail "${REASON:-failed}"
+        depth_row "$fs" 0 "" "" "" "" "" "" "" fail "${REASON:-failed}"
         echo "FAIL: $fs: depth: ${REASON:-failed}"
         serve_down
         rm -rf "$vol"
         return 0
     fi
     depth_row "$fs" 0 "${FIGS% }" - 0 "$(proc_kib "$SERVE_PID" VmRSS)" "$(proc_kib "$SERVE_PID" RssAnon)" \
-        "$(layers_of "$vol" "$fs-depth-0")" ok "baseline: one layer"
+        "$(layers_of "$vol" "$fs-depth-0")" "$(fds_of "$SERVE_PID")" ok "baseline: one layer"
     info "  0 snapshots: ${FIGS}IOPS"
     for d in "${DEPTH_LIST[@]}"; do
         local start
@@ -365,7 +382,7 @@ depth_part() {
             >>"$times" 2>"$RESULTS/logs/$fs-depth-writer.err"; then
             REASON="writer: $(last_lines "$RESULTS/logs/$fs-depth-writer.err")"
             FAILED=1
-            depth_row "$fs" "$d" "" "" "" "" "" "" fail "$REASON"
+            depth_row "$fs" "$d" "" "" "" "" "" "" "$(fds_of "$SERVE_PID")" fail "$REASON"
             echo "FAIL: $fs: depth $d: $REASON"
             break
         fi
@@ -377,12 +394,13 @@ depth_part() {
         rss="$(proc_kib "$SERVE_PID" VmRSS)"
         anon="$(proc_kib "$SERVE_PID" RssAnon)"
         layers="$(layers_of "$vol" "$fs-depth-$d")"
+        fds="$(fds_of "$SERVE_PID")"
         if steady "$RESULTS/fio/$fs-depth-$d" randread 4k 32; then
-            depth_row "$fs" "$d" "${FIGS% }" "$med" "$n" "$rss" "$anon" "$layers" ok "writes and snapshots in $spent s"
-            info "  $d snapshots: ${FIGS}IOPS; create ${med} ms (median of $n); VmRSS $rss KiB, RssAnon $anon KiB; layers $layers"
+            depth_row "$fs" "$d" "${FIGS% }" "$med" "$n" "$rss" "$anon" "$layers" "$fds" ok "writes and snapshots in $spent s"
+            info "  $d snapshots: ${FIGS}IOPS; create ${med} ms (median of $n); VmRSS $rss KiB, RssAnon $anon KiB; layers $layers; $fds open files"
         else
             FAILED=1
-            depth_row "$fs" "$d" "" "$med" "$n" "$rss" "$anon" "$layers" fail "$REASON"
+            depth_row "$fs" "$d" "" "$med" "$n" "$rss" "$anon" "$layers" "$fds" fail "$REASON"
             echo "FAIL: $fs: depth $d: $REASON"
         fi
     done
