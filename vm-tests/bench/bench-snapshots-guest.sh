@@ -19,7 +19,8 @@
 # Writes into $RESULTS:
 #   after.tsv  fs, job, window (0 = before), figure, unit, status (ok|fail), note
 #   depth.tsv  fs, depth, read IOPS, median create ms, creates counted, VmRSS KiB,
-#              RssAnon KiB, layers, open files of the daemon, status, note
+#              RssAnon KiB, layers, open files of the daemon, status, note,
+#              median create ms as the daemon logs it (total_us; "-" if not logged)
 #   info.tsv   key, value
 #   fio/, logs/, status/  raw output
 # Exits 1 if a measurement failed.
@@ -327,7 +328,14 @@ for n in range(first, first + count):
 os.close(fd)
 EOF
 
-depth_row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$DEPTH_TSV"; }
+depth_row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" "${DAEMON_MS:--}" >>"$DEPTH_TSV"; }
+
+# daemon_ms LOG: the median of the last (up to) 10 "snapshot taken ... total_us=N"
+# lines of the daemon's log, in ms, or "-" when its log says no such thing.
+daemon_ms() {
+    grep 'snapshot taken' "$1" 2>/dev/null | grep -o 'total_us=[0-9]*' | tail -n 10 | cut -d= -f2 | sort -n | awk '
+        { v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) printf "%.1f\n", v[(NR + 1) / 2] / 1000; else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2000 }'
+}
 
 # fds_of PID: how many files PID has open, or "-".
 fds_of() {
@@ -359,6 +367,7 @@ print("-" if r is None else r)' "$RESULTS/status/$2.json" 2>/dev/null || echo -
 # depth_part FS: read IOPS, snapshot create time and memory at each depth.
 depth_part() {
     local fs="$1" vol="$MNT/vol-depth" have=0 d med n rss anon layers spent fds
+    DAEMON_MS=-
     info "$fs: depth: volume, fill, ${WINDOW} s warm-up + ${WINDOW} s of 4 KiB random read QD32 with one layer, then $WRITES writes + 1 snapshot up to ${DEPTH_LIST[-1]} snapshots"
     local times="$RESULTS/logs/$fs-depth-create-ms.txt"
     : >"$times"
@@ -395,9 +404,10 @@ depth_part() {
         anon="$(proc_kib "$SERVE_PID" RssAnon)"
         layers="$(layers_of "$vol" "$fs-depth-$d")"
         fds="$(fds_of "$SERVE_PID")"
+        DAEMON_MS="$(daemon_ms "$RESULTS/logs/$fs-depth.serve.log")"
         if steady "$RESULTS/fio/$fs-depth-$d" randread 4k 32; then
             depth_row "$fs" "$d" "${FIGS% }" "$med" "$n" "$rss" "$anon" "$layers" "$fds" ok "writes and snapshots in $spent s"
-            info "  $d snapshots: ${FIGS}IOPS; create ${med} ms (median of $n); VmRSS $rss KiB, RssAnon $anon KiB; layers $layers; $fds open files"
+            info "  $d snapshots: ${FIGS}IOPS; create ${med} ms (median of $n; daemon $DAEMON_MS ms); VmRSS $rss KiB, RssAnon $anon KiB; layers $layers; $fds open files"
         else
             FAILED=1
             depth_row "$fs" "$d" "" "$med" "$n" "$rss" "$anon" "$layers" "$fds" fail "$REASON"
