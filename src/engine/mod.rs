@@ -43,5 +43,7 @@ pub use error::{EngineError, Result};
 pub use extent::Extent;
 pub use manifest::MAX_BLOCKS;
 pub use plan::{ReadPlan, ReadSegment, ReadSource};
-pub use snapshot::{validate_snapshot_name, CutReport, SnapshotInfo, SnapshotView};
+pub use snapshot::{
+    validate_snapshot_name, CutReport, PendingSeal, PreparedCut, SnapshotInfo, SnapshotView,
+};
 pub use volume::{CreateOptions, Volume, VolumeOpenOptions, VolumeStatus, WriteTicket};
