@@ -171,6 +171,36 @@ enum Op {
     Flush,
     /// The daemon dies between two changes.
     Death,
+    /// Take a snapshot in the three calls a freezing caller makes, with `between` done
+    /// in a gap; the daemon dies at crash point `crash` of the whole (0: it does not).
+    Staged {
+        between: Between,
+        crash: u64,
+    },
+}
+
+/// What happens in the gaps of a staged cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Between {
+    Nothing,
+    /// The prepared cut is dropped (the freeze failed): nothing is taken.
+    Abandon,
+    /// Snapshot `idx` (modulo their number) is deleted between prepare and switch.
+    Delete(usize),
+    /// The merges run between prepare and switch.
+    Maintain,
+    /// A flush between switch and finish (which seals the old head first).
+    Flush,
+}
+
+fn between() -> impl Strategy<Value = Between> {
+    prop_oneof![
+        Just(Between::Nothing),
+        Just(Between::Abandon),
+        any::<usize>().prop_map(Between::Delete),
+        Just(Between::Maintain),
+        Just(Between::Flush),
+    ]
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -180,7 +210,21 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u64..10).prop_map(|crash| Op::Maintain { crash }),
         1 => Just(Op::Flush),
         1 => Just(Op::Death),
+        3 => (between(), 0u64..24).prop_map(|(between, crash)| Op::Staged { between, crash }),
     ]
+}
+
+/// Names of the files in the layers folder of volume folder `dir`.
+fn layer_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join("layers"))
+        .map(|e| {
+            e.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }
 
 struct Harness {
@@ -394,6 +438,104 @@ impl Harness {
                 }
                 self.check_snapshots(&when)?;
             }
+            Op::Staged { between, crash } => {
+                self.names += 1;
+                let name = format!("s{}", self.names);
+                let before = self.cur.clone();
+                let victim = match between {
+                    Between::Delete(idx) if !self.snaps.is_empty() => {
+                        Some(self.snaps[idx % self.snaps.len()].0.clone())
+                    }
+                    _ => None,
+                };
+                let files_before = layer_files(&self.dir);
+                let (r, during) = self.with_writers(crash, |v| {
+                    let prepared = v.prepare_cut(&name)?;
+                    let gap = match between {
+                        Between::Abandon => {
+                            drop(prepared);
+                            return Ok(false);
+                        }
+                        Between::Delete(_) => match &victim {
+                            Some(n) => v.delete_snapshot(n),
+                            None => Ok(()),
+                        },
+                        Between::Maintain => v.maintain(),
+                        Between::Nothing | Between::Flush => Ok(()),
+                    };
+                    if let Err(e) = gap {
+                        prepared.drop_as_in_a_death();
+                        return Err(e);
+                    }
+                    let pending = v.switch_cut(prepared)?;
+                    if between == Between::Flush {
+                        v.flush()?;
+                    }
+                    v.finish_cut(pending)?;
+                    Ok(true)
+                })?;
+                let when = format!("staged cut of {name} ({between:?}) killed at step {crash}");
+                match r {
+                    Ok(true) => {
+                        if let Some(n) = &victim {
+                            self.snaps.retain(|s| &s.0 != n);
+                        }
+                        self.adopt(name.clone(), &before, &during)?;
+                    }
+                    Ok(false) => {
+                        prop_assert_eq!(
+                            layer_files(&self.dir),
+                            files_before,
+                            "{}: an abandoned cut left files",
+                            when
+                        );
+                    }
+                    Err(EngineError::InjectedCrash(_)) => {}
+                    Err(e) => return Err(TestCaseError::fail(format!("{when}: {e}"))),
+                }
+                if crash > 0 {
+                    let taken = self.snaps.iter().any(|s| s.0 == name);
+                    self.death(&when)?;
+                    let listed: Vec<String> = self
+                        .vol()
+                        .list_snapshots()
+                        .into_iter()
+                        .map(|s| s.name)
+                        .collect();
+                    if let Some(n) = &victim {
+                        if !listed.contains(n) {
+                            self.snaps.retain(|s| &s.0 != n);
+                        }
+                    }
+                    let is_listed = listed.contains(&name);
+                    if is_listed && !taken {
+                        prop_assert!(
+                            between != Between::Abandon,
+                            "{}: an abandoned cut was taken",
+                            when
+                        );
+                        self.adopt(name.clone(), &before, &during)?;
+                    }
+                    prop_assert!(!taken || is_listed, "{}: a finished cut was lost", when);
+                    // The open removes whatever files a death left that no manifest names.
+                    let mut named = std::collections::BTreeSet::new();
+                    for f in layer_files(&self.dir) {
+                        if let Some(id) = f.split('.').next() {
+                            named.insert(id.to_string());
+                        }
+                    }
+                    let layers = self.vol().status().layers;
+                    prop_assert!(
+                        named.len() <= layers,
+                        "{}: files of {} layers in the folder, {} in the stack: {:?}",
+                        when,
+                        named.len(),
+                        layers,
+                        layer_files(&self.dir)
+                    );
+                }
+                self.check_snapshots(&when)?;
+            }
             Op::Flush => {
                 let (r, _) = self.with_writers(0, |v| v.flush())?;
                 r.map_err(|e| TestCaseError::fail(format!("flush: {e}")))?;
@@ -476,6 +618,41 @@ fn a_death_at_every_step_of_a_cut_loses_no_acknowledged_write() {
         })();
         if let Err(e) = r {
             panic!("killed at step {crash} of {steps}: {e}");
+        }
+    }
+}
+
+/// The daemon is killed at every step of a cut taken in three calls, with a snapshot
+/// deleted or the merges run between prepare and switch (a merge removes the journals of
+/// layers outside the stack, the prepared head's included), a flush between switch and
+/// finish, or the prepared cut abandoned, with writes acknowledged between every two steps.
+#[test]
+fn a_death_at_every_step_of_a_staged_cut_loses_no_acknowledged_write() {
+    let (root, _) = scratch_with_shm_journals();
+    for between in [
+        Between::Nothing,
+        Between::Abandon,
+        Between::Delete(0),
+        Between::Maintain,
+        Between::Flush,
+    ] {
+        for crash in 1..=24 {
+            let dir = root.path().join(format!("{between:?}-{crash}"));
+            std::fs::create_dir(&dir).expect("mkdir");
+            let mut h = Harness::new(&dir, 2000 + crash);
+            let r = (|| {
+                h.apply(&Op::Snapshot { crash: 0 })?;
+                h.apply(&Op::Staged { between, crash })?;
+                h.apply(&Op::Staged {
+                    between: Between::Nothing,
+                    crash: 0,
+                })?;
+                h.death("at the end")?;
+                h.check_snapshots("at the end")
+            })();
+            if let Err(e) = r {
+                panic!("{between:?}: killed at step {crash}: {e}");
+            }
         }
     }
 }

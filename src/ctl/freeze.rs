@@ -17,6 +17,11 @@ use super::protocol::{CtlError, ErrorCode};
 use crate::sys::mountinfo::{self, Mount, SeenMount};
 
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
+/// Extra syncfs passes right before FIFREEZE, each writing back what the writers dirtied
+/// during the previous one; they stop once a pass is shorter than [`SYNC_SHORT`] or no
+/// quicker than the one before (writers faster than the device).
+const SYNC_AGAIN: usize = 3;
+const SYNC_SHORT: Duration = Duration::from_millis(5);
 const FITHAW: libc::c_ulong = 0xC004_5878;
 
 /// What a thaw found.
@@ -335,6 +340,21 @@ impl FreezeGuard {
         }
         if let Some(program) = watchdog {
             guard.watchdog = Some(spawn_watchdog(program, &mounts, timeout)?);
+        }
+        // Writers went on during the first sync and the watchdog's start: write back what
+        // they dirtied meanwhile, again while that keeps getting quicker, so that FIFREEZE
+        // (which holds them) finds as little as possible.
+        let mut last = Duration::MAX;
+        for _ in 0..SYNC_AGAIN {
+            let t = Instant::now();
+            for m in &mounts {
+                sync_before_freeze(m, device);
+            }
+            let took = t.elapsed();
+            if took < SYNC_SHORT || took >= last || Instant::now() >= guard.deadline {
+                break;
+            }
+            last = took;
         }
         guard.holding_since = Some(Instant::now());
         for m in mounts {

@@ -500,12 +500,16 @@ impl VolumeService {
             }
             (FreezeMode::Auto, None) => vec![],
         };
+        // Step 1 of the cut (the new head's files) before anything is frozen; should the
+        // freeze fail, dropping the prepared cut removes them.
+        let prepared = self.volume.prepare_cut(&a.name).map_err(engine_error)?;
         let t0 = Instant::now();
         let guard = self.freeze(mounts, timeout)?;
         let frozen_at = Instant::now();
         // Writers wait from the first FIFREEZE (which syncs with them held) to the thaw.
         let holding_since = guard.holding_since().unwrap_or(frozen_at);
-        let cut = self.volume.create_snapshot(&a.name);
+        // Only the manifest commit and the switch of writes need the file system frozen.
+        let switched = self.volume.switch_cut(prepared);
         let expired = guard.expired();
         let frozen: Vec<PathBuf> = guard.mounts().to_vec();
         let thawed = guard.thaw();
@@ -516,7 +520,10 @@ impl VolumeService {
             ),
             _ => (Duration::ZERO, Duration::ZERO),
         };
-        let report = cut.map_err(engine_error)?;
+        let pending = switched.map_err(engine_error)?;
+        // Drain and seal the old head once writers run again: a frozen file system had no
+        // writes in flight to the device, and the snapshot is durable since the switch.
+        let report = self.volume.finish_cut(pending);
         if expired {
             let _ = self.volume.delete_snapshot(&a.name);
             return Err(CtlError::new(
@@ -524,6 +531,7 @@ impl VolumeService {
                 format!("the snapshot took longer than the {} ms freeze deadline; it was discarded and the file system thawed", timeout.as_millis()),
             ));
         }
+        let report = report.map_err(engine_error)?;
         thawed?;
         self.snapshots_created.fetch_add(1, Ordering::Relaxed);
         self.volume.merge_after_cut();
@@ -547,6 +555,9 @@ impl VolumeService {
             "freeze_ms": (frozen_at - holding_since).as_secs_f64() * 1e3,
             "sync_ms": (holding_since - t0).as_secs_f64() * 1e3,
             "cut_ms": report.total.as_secs_f64() * 1e3,
+            "prepare_ms": report.prepare.as_secs_f64() * 1e3,
+            "switch_ms": report.switch.as_secs_f64() * 1e3,
+            "seal_ms": report.seal.as_secs_f64() * 1e3,
             "drain_ms": report.drain.as_secs_f64() * 1e3,
         }))
     }

@@ -46,5 +46,7 @@ pub use extent::Extent;
 pub use manifest::MAX_BLOCKS;
 pub use plan::{ReadPlan, ReadSegment, ReadSource};
 pub use prepare::{reserve_for as head_reserve_for, LAYOUT_ENV, RESERVE_ENV};
-pub use snapshot::{validate_snapshot_name, CutReport, SnapshotInfo, SnapshotView};
+pub use snapshot::{
+    validate_snapshot_name, CutReport, PendingSeal, PreparedCut, SnapshotInfo, SnapshotView,
+};
 pub use volume::{CreateOptions, Volume, VolumeOpenOptions, VolumeStatus, WriteTicket};

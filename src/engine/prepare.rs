@@ -21,6 +21,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::aligned::AlignedBuf;
 use super::layer::Layer;
+use super::slots::MAX_SLOTS;
 use super::stack::Stack;
 
 /// What the preparer shares with its volume (never the volume itself).
@@ -68,6 +69,16 @@ fn configured_reserve() -> u64 {
         }),
         Err(_) => DEFAULT_RESERVE,
     }
+}
+
+/// The reserve in bytes of a volume of `size` bytes whose setting is `setting` (bytes,
+/// or [`RESERVE_FROM_ENV`]): at most a quarter of the volume.
+pub(crate) fn resolve(setting: u64, size: u64) -> u64 {
+    match setting {
+        RESERVE_FROM_ENV => configured_reserve(),
+        r => r,
+    }
+    .min(size / 4)
 }
 
 /// Marks the reserve as the setting's ([`Shared::reserve`]).
@@ -133,11 +144,7 @@ fn run(vol: Shared, stop: Arc<(Mutex<bool>, Condvar)>) {
         }
         last = Some(Arc::downgrade(&head));
         to_trim.retain(|l| !trim(&vol, l, bs as u32));
-        let reserve = match vol.reserve.load(Ordering::Relaxed) {
-            RESERVE_FROM_ENV => configured_reserve(),
-            r => r,
-        };
-        let target = reserve.min(size / 4) / bs;
+        let target = resolve(vol.reserve.load(Ordering::Relaxed), size) / bs;
         let claim = if !room || target == 0 {
             None
         } else {
@@ -187,6 +194,42 @@ fn run(vol: Shared, stop: Arc<(Mutex<bool>, Condvar)>) {
                 stop.1.wait_for(&mut g, Duration::from_secs(1));
             }
         }
+    }
+}
+
+/// Most of the reserve written when a cut makes its new head (before any freeze).
+const FIRST: u64 = 16 << 20;
+
+/// Writes the first part of the `reserve` (bytes) of `head`, a new slotted head of a
+/// volume whose folder is `dir`, so that the first writes after the snapshot find
+/// prepared space before the preparer gets to it. Best effort: on failure (a full disk)
+/// those writes allocate.
+pub(crate) fn prepare_first(head: &Layer, reserve: u64, block_size: u32, dir: &std::path::Path) {
+    let bs = u64::from(block_size);
+    let bytes = reserve.min(FIRST);
+    let room = super::disk::space(dir)
+        .is_some_and(|(free, total)| free >= bytes + KEEP_FREE.max(total / 20));
+    if bytes < bs || !room {
+        return;
+    }
+    let Some((s, e)) = head
+        .state
+        .write()
+        .alloc
+        .as_mut()
+        .and_then(|a| a.claim_next(bytes / bs, bytes / bs, MAX_SLOTS))
+    else {
+        return;
+    };
+    let ok = {
+        let _one = head.prep.lock();
+        write_zeros(head, &AlignedBuf::new(WRITE), s * bs, (e - s) * bs)
+    };
+    if let Err(err) = &ok {
+        tracing::debug!(layer = head.id, error = %err, "could not prepare a new head's first space");
+    }
+    if let Some(a) = head.state.write().alloc.as_mut() {
+        a.finish_claim(ok.is_ok());
     }
 }
 

@@ -57,10 +57,85 @@ pub struct SnapshotInfo {
 #[derive(Debug, Clone, Serialize)]
 pub struct CutReport {
     pub snapshot: SnapshotInfo,
-    /// Time spent waiting for writes in flight to the old head to finish.
+    /// Time spent creating the new head's files (step 1 of the cut).
+    pub prepare: Duration,
+    /// Time spent committing the manifest and switching writes (steps 2 and 3): the only
+    /// part a frozen file system has to wait for.
+    pub switch: Duration,
+    /// Time spent draining, sealing and recording the seal of the old head (steps 4 and 5).
+    pub seal: Duration,
+    /// Time spent waiting for writes in flight to the old head to finish (part of `seal`).
     pub drain: Duration,
-    /// Whole time of the cut: new head, drain, seal, manifest commit.
+    /// The three parts together (not the time between them).
     pub total: Duration,
+}
+
+/// A cut whose new head exists (step 1 of the cut) but which nothing refers to yet:
+/// writes still go to the old head. [`Volume::switch_cut`] takes it on; dropped instead
+/// (a freeze that failed or took too long), it removes the new head's files.
+pub struct PreparedCut {
+    volume: Volume,
+    name: String,
+    /// None once taken on by [`Volume::switch_cut`].
+    head: Option<Arc<Layer>>,
+    id: u64,
+    incarnation: String,
+    /// The volume's size the head was made for (a grow meanwhile is caught up with).
+    size: u64,
+    volume_id: String,
+    /// Device and inode of the new head's volatile journal when it was made: a merge in
+    /// the gap removes the journals of layers outside the stack, this one included.
+    journal: Option<(u64, u64)>,
+    prepare: Duration,
+}
+
+impl PreparedCut {
+    /// The snapshot's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Forgets the new head without removing its files: after a simulated death, only the
+    /// next open may clean up.
+    fn disown(&mut self) {
+        self.head = None;
+    }
+
+    /// Drops the prepared cut as a death would: its files stay for the next open to
+    /// remove. For crash tests only.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub fn drop_as_in_a_death(mut self) {
+        self.disown();
+    }
+}
+
+impl Drop for PreparedCut {
+    fn drop(&mut self) {
+        if let Some(head) = self.head.take() {
+            drop(head);
+            remove_layer_files(&self.volume.inner.dir, &self.volume_id, self.id);
+            tracing::info!(volume = %self.volume.inner.name, snapshot = %self.name, "prepared cut abandoned; its new head's files are removed");
+        }
+    }
+}
+
+/// A cut whose writes go to the new head already (steps 1 to 3 done): the snapshot exists
+/// and is durable; [`Volume::finish_cut`] drains and seals the old head. Dropped instead,
+/// the next flush or cut seals it.
+pub struct PendingSeal {
+    old_head: Arc<Layer>,
+    entry: SnapshotEntry,
+    size: u64,
+    volume_id: String,
+    prepare: Duration,
+    switch: Duration,
+}
+
+impl PendingSeal {
+    /// The snapshot's name.
+    pub fn name(&self) -> &str {
+        &self.entry.name
+    }
 }
 
 /// Checks a snapshot name: 1 to 128 characters of `[A-Za-z0-9._-]`, not starting with
@@ -88,20 +163,102 @@ impl Volume {
     /// and the old head below it, both with their incarnations; only then switch writes to
     /// the new head; drain and seal the old one; remove its volatile journal. A failed
     /// commit switches nothing: writes keep going to the old head and the snapshot fails.
+    ///
+    /// The three parts are [`Volume::prepare_cut`], [`Volume::switch_cut`] and
+    /// [`Volume::finish_cut`]: a caller that freezes a file system for the cut freezes it
+    /// only around the switch.
     pub fn create_snapshot(&self, name: &str) -> Result<CutReport> {
-        self.cut(name).map_err(|e| self.noted(e))
+        let prepared = self.prepare_cut(name)?;
+        let pending = self.switch_cut(prepared)?;
+        self.finish_cut(pending)
     }
 
-    fn cut(&self, name: &str) -> Result<CutReport> {
+    /// Step 1 of a cut: checks the name (refusing one in use) and creates the new head's
+    /// files, then syncs the layers folder. Writes go on to the old head; nothing names the
+    /// new files yet (should the daemon die, the open removes them).
+    pub fn prepare_cut(&self, name: &str) -> Result<PreparedCut> {
+        self.prepare(name).map_err(|e| self.noted(e))
+    }
+
+    fn prepare(&self, name: &str) -> Result<PreparedCut> {
         validate_snapshot_name(name)?;
         let t0 = Instant::now();
-        let mut meta = self.inner.meta.lock();
-        if meta.manifest.snapshot(name).is_some() {
-            return Err(EngineError::SnapshotExists(name.to_string()));
+        let (new_id, size, volume_id) = {
+            let mut meta = self.inner.meta.lock();
+            if meta.manifest.snapshot(name).is_some() {
+                return Err(EngineError::SnapshotExists(name.to_string()));
+            }
+            self.check_cut_allowed(&mut meta)?;
+            // The size only changes under the metadata lock; a grow before the switch is
+            // caught up with there.
+            (
+                meta.take_layer_id(),
+                meta.manifest.size,
+                meta.manifest.volume_id.clone(),
+            )
+        };
+        let incarnation = super::vlog::new_incarnation();
+        let layers_dir = self.inner.dir.join(layer::LAYERS_DIR);
+        let created = Layer::create_head(
+            &self.inner.dir,
+            new_id,
+            size,
+            self.inner.direct,
+            &volume_id,
+            &incarnation,
+        );
+        let mut prepared = PreparedCut {
+            volume: self.clone(),
+            name: name.to_string(),
+            head: None,
+            id: new_id,
+            incarnation,
+            size,
+            volume_id,
+            journal: None,
+            prepare: Duration::ZERO,
+        };
+        match created {
+            Ok(l) => {
+                // Space for the first writes after the snapshot, written now, before any
+                // freeze (the preparer goes on once the head serves).
+                let reserve = self.head_reserve(size);
+                super::prepare::prepare_first(&l, reserve, self.inner.block_size, &self.inner.dir);
+                prepared.head = Some(Arc::new(l));
+            }
+            Err(e) => {
+                if !e.is_injected_crash() {
+                    remove_layer_files(&self.inner.dir, &prepared.volume_id, new_id);
+                }
+                return Err(e);
+            }
         }
-        // Seals a layer a failed cut left unsealed, and refuses after a failed data sync
-        // (that snapshot could not be made durable).
-        self.seal_pending(&mut meta)?;
+        // The new files' folder entries are durable before a manifest names them.
+        let synced = fsutil::sync_dir(&layers_dir).and_then(|()| fault_point("cut:prepared"));
+        if let Err(e) = synced {
+            if e.is_injected_crash() {
+                prepared.disown();
+            }
+            return Err(e);
+        }
+        prepared.journal = self.journal_identity(new_id, &prepared.volume_id);
+        prepared.prepare = t0.elapsed();
+        Ok(prepared)
+    }
+
+    /// Device and inode of layer `id`'s volatile journal file, if it exists.
+    fn journal_identity(&self, id: u64, volume_id: &str) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let layers_dir = self.inner.dir.join(layer::LAYERS_DIR);
+        std::fs::symlink_metadata(super::vlog::path_for(volume_id, id, &layers_dir))
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    }
+
+    /// Seals a layer a failed cut left unsealed, and refuses after a failed data sync
+    /// (that snapshot could not be made durable).
+    fn check_cut_allowed(&self, meta: &mut Meta) -> Result<()> {
+        self.seal_pending(meta)?;
         if let Some(why) = self.stack().iter().find_map(|l| l.flush_failure()) {
             return Err(EngineError::io(
                 &self.inner.dir,
@@ -110,26 +267,87 @@ impl Volume {
                 )),
             ));
         }
-        let new_id = meta.take_layer_id();
-        let incarnation = super::vlog::new_incarnation();
-        // The size only changes under the metadata lock, held here.
+        Ok(())
+    }
+
+    /// Steps 2 and 3 of a cut: commits the manifest naming the snapshot and the new head,
+    /// then switches writes to the new head. Checks again, under the metadata lock, what
+    /// may have changed since [`Volume::prepare_cut`] (another snapshot of that name, a
+    /// grow, a failed flush). On failure nothing switched, the new head's files are gone
+    /// and writes never stopped going to the old head. The snapshot exists on success;
+    /// its old head still has to be sealed ([`Volume::finish_cut`]).
+    pub fn switch_cut(&self, prepared: PreparedCut) -> Result<PendingSeal> {
+        self.switch(prepared).map_err(|e| self.noted(e))
+    }
+
+    fn switch(&self, mut prepared: PreparedCut) -> Result<PendingSeal> {
+        if !Arc::ptr_eq(&prepared.volume.inner, &self.inner) {
+            return Err(EngineError::Invalid(
+                "a cut prepared on another volume".into(),
+            ));
+        }
+        let t0 = Instant::now();
+        let mut meta = self.inner.meta.lock();
+        let name = prepared.name.clone();
+        if meta.manifest.snapshot(&name).is_some() {
+            return Err(EngineError::SnapshotExists(name));
+        }
+        self.check_cut_allowed(&mut meta)?;
         let size = meta.manifest.size;
-        let layers_dir = self.inner.dir.join(layer::LAYERS_DIR);
-        let volume_id = meta.manifest.volume_id.clone();
-        let new_head = match Layer::create_head(
-            &self.inner.dir,
-            new_id,
-            size,
-            self.inner.direct,
-            &volume_id,
-            &incarnation,
-        ) {
-            Ok(l) => Arc::new(l),
-            Err(e) => {
-                remove_layer_files(&self.inner.dir, &volume_id, new_id);
+        if prepared.journal.is_none()
+            || self.journal_identity(prepared.id, &prepared.volume_id) != prepared.journal
+        {
+            // The new head's journal is gone (a merge in the gap removed it as a stale
+            // one): writes acknowledged into it would not survive a death. Make the head
+            // again, here, under the metadata lock, under which no merge removes it.
+            tracing::info!(volume = %self.inner.name, snapshot = %name, "the prepared head's journal was removed meanwhile; making the new head again");
+            drop(prepared.head.take());
+            remove_layer_files(&self.inner.dir, &prepared.volume_id, prepared.id);
+            let id = meta.take_layer_id();
+            let incarnation = super::vlog::new_incarnation();
+            prepared.id = id;
+            let created = Layer::create_head(
+                &self.inner.dir,
+                id,
+                size,
+                self.inner.direct,
+                &prepared.volume_id,
+                &incarnation,
+            );
+            match created {
+                Ok(l) => prepared.head = Some(Arc::new(l)),
+                Err(e) => {
+                    if !e.is_injected_crash() {
+                        remove_layer_files(&self.inner.dir, &prepared.volume_id, id);
+                    }
+                    return Err(e);
+                }
+            }
+            prepared.incarnation = incarnation;
+            prepared.size = size;
+            if let Err(e) = fsutil::sync_dir(&self.inner.dir.join(layer::LAYERS_DIR)) {
+                if e.is_injected_crash() {
+                    prepared.disown();
+                }
                 return Err(e);
             }
-        };
+        }
+        let new_id = prepared.id;
+        let new_head = prepared
+            .head
+            .clone()
+            .ok_or_else(|| EngineError::Invalid("a cut switched twice".into()))?;
+        if size != prepared.size {
+            // Grown since the head was made: an identity head's data file follows, as a
+            // grow does (a slotted one's follows its slots).
+            if !new_head.slotted {
+                new_head
+                    .data
+                    .set_len(size)
+                    .map_err(|e| EngineError::io(&new_head.data_path, e))?;
+            }
+            prepared.size = size;
+        }
         let old_head = self
             .stack()
             .last()
@@ -137,7 +355,7 @@ impl Volume {
             .ok_or_else(|| EngineError::Invalid("the volume has no head layer".into()))?;
         let entry = SnapshotEntry {
             id: meta.manifest.next_snapshot_id,
-            name: name.to_string(),
+            name: name.clone(),
             layer: old_head.id,
             created_unix_ms: now_ms(),
             size: Some(size),
@@ -158,13 +376,14 @@ impl Volume {
             id: new_id,
             merge_pending: false,
             ancestor: None,
-            incarnation: Some(incarnation),
+            incarnation: Some(prepared.incarnation.clone()),
         });
         m.next_snapshot_id = m.next_snapshot_id.max(entry.id + 1);
         m.snapshots.push(entry.clone());
         m.next_layer_id = m.next_layer_id.max(meta.next_layer_id);
-        let committed = fsutil::sync_dir(&layers_dir).and_then(|()| m.store(&self.inner.dir));
-        if let Err(e) = committed {
+        // From here the files are the commit's to keep or to remove (see `undo_cut`).
+        prepared.disown();
+        if let Err(e) = m.store(&self.inner.dir) {
             if !e.is_injected_crash() {
                 self.undo_cut(&meta, new_id);
             }
@@ -179,9 +398,44 @@ impl Volume {
             *stack = stack.with_layers(v);
         }
         fault_point("cut:switched")?;
-        let drain = old_head.wait_drained();
-        old_head.flush(true)?;
+        Ok(PendingSeal {
+            old_head,
+            entry,
+            size,
+            volume_id: prepared.volume_id.clone(),
+            prepare: prepared.prepare,
+            switch: t0.elapsed(),
+        })
+    }
+
+    /// Steps 4 and 5 of a cut: drains the writes in flight to the old head, flushes and
+    /// seals it, then commits the manifest without its incarnation and removes its
+    /// volatile journal. Needs no frozen file system: a frozen one has no writes in flight.
+    pub fn finish_cut(&self, pending: PendingSeal) -> Result<CutReport> {
+        self.finish(pending).map_err(|e| self.noted(e))
+    }
+
+    fn finish(&self, pending: PendingSeal) -> Result<CutReport> {
+        let t0 = Instant::now();
+        let PendingSeal {
+            old_head,
+            entry,
+            size,
+            volume_id,
+            prepare,
+            switch,
+        } = pending;
+        let mut meta = self.inner.meta.lock();
+        // A flush since the switch may have sealed it already (see `seal_pending`).
+        let drain = if old_head.sealed.load(std::sync::atomic::Ordering::SeqCst) {
+            Duration::ZERO
+        } else {
+            let drain = old_head.wait_drained();
+            old_head.flush(true)?;
+            drain
+        };
         self.settle_stack(&meta);
+        fault_point("cut:sealed")?;
         // The manifest stops naming the old head's incarnation: from now on its map
         // journal must be whole and sealed, and damage to it is refused rather than taken
         // for an interrupted seal. Not needed for safety: if this fails, the next
@@ -197,19 +451,26 @@ impl Volume {
                 tracing::warn!(volume = %self.inner.name, error = %e, "cannot record that the snapshot's layer is sealed; the next manifest write does")
             }
         }
-        let total = t0.elapsed();
+        let seal = t0.elapsed();
         // The sealed head's volatile journal is covered by its sealed map journal now.
+        let layers_dir = self.inner.dir.join(layer::LAYERS_DIR);
         let _ = std::fs::remove_file(super::vlog::path_for(&volume_id, old_head.id, &layers_dir));
         drop(meta);
+        let total = prepare + switch + seal;
         tracing::info!(
             volume = %self.inner.name,
-            snapshot = name,
+            snapshot = %entry.name,
+            prepare_us = prepare.as_micros() as u64,
+            switch_us = switch.as_micros() as u64,
             drain_us = drain.as_micros() as u64,
-            total_us = total.as_micros() as u64,
+            seal_us = seal.as_micros() as u64,
             "snapshot taken"
         );
         Ok(CutReport {
             snapshot: self.info(&entry, size, &old_head),
+            prepare,
+            switch,
+            seal,
             drain,
             total,
         })

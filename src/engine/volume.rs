@@ -357,6 +357,12 @@ impl Volume {
         self.inner.reserve.store(v, Ordering::Relaxed);
     }
 
+    /// The head reserve in bytes for a volume of `size` bytes (see
+    /// [`Volume::set_head_reserve`]).
+    pub(crate) fn head_reserve(&self, size: u64) -> u64 {
+        super::prepare::resolve(self.inner.reserve.load(Ordering::Relaxed), size)
+    }
+
     /// Whether layer files bypass the page cache (O_DIRECT).
     pub fn direct_io(&self) -> bool {
         self.inner.direct
@@ -412,7 +418,7 @@ impl Volume {
         let head = stack[stack.len() - 1].clone();
         head.enter();
         drop(stack);
-        let placed = match head.place_write(start, end) {
+        let placed = match head.place_write(start, end, self.inner.block_size) {
             Ok(p) => p,
             Err(e) => {
                 head.leave();
