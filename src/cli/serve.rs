@@ -184,6 +184,7 @@ pub fn ready_line(dev: &ServingDevice) -> String {
 
 /// Serves a volume; returns when the device has been removed.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    raise_open_file_limit();
     let mut opts = args.options();
     // The volume by its canonical folder (`/x/vol/..` is named after what it resolves to);
     // a folder that cannot be resolved is reported by the ublk layer as before.
@@ -287,6 +288,23 @@ fn start_control(
     );
     let server = bound.serve(Limits::default(), service.clone())?;
     Ok((server, service))
+}
+
+/// A volume keeps its layer files open, one or two per snapshot: a thousand snapshots need
+/// more than the usual soft limit of 1024 open files. The soft limit is raised to the hard
+/// one (which only an administrator sets), as servers with many files do.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open file limit"),
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "could not raise the open file limit; volumes with many snapshots may run out of file descriptors")
+            }
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read the open file limit"),
+    }
 }
 
 #[cfg(test)]

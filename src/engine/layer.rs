@@ -616,7 +616,12 @@ impl Layer {
     /// blocks' slots, new ones taken for blocks that have none, or the blocks' own
     /// offsets in the identity layout. Fails only when a slotted layer's slot space is
     /// used up.
-    pub fn place_write(&self, start: u32, end: u64) -> Result<SmallVec<[Placed; 2]>> {
+    pub fn place_write(
+        &self,
+        start: u32,
+        end: u64,
+        block_size: u32,
+    ) -> Result<SmallVec<[Placed; 2]>> {
         let count = (end - u64::from(start)) as u32;
         let mut out = SmallVec::new();
         if !self.slotted {
@@ -659,7 +664,14 @@ impl Layer {
             while u64::from(b + n) < end && t.get(b + n).is_none() {
                 n += 1;
             }
-            let Some((first, got)) = a.take(n) else {
+            // A large first write allocates little per block: it leaves the prepared
+            // space to small writes.
+            let taken = if n >= LARGE_WRITE_BLOCKS {
+                a.take_fresh(n)
+            } else {
+                a.take(n)
+            };
+            let Some((first, got)) = taken else {
                 return Err(EngineError::io(
                     &self.data_path,
                     std::io::Error::from_raw_os_error(libc::ENOSPC),
@@ -670,6 +682,13 @@ impl Layer {
             }
             push_run(&mut out, b, first, got);
             b += got;
+            // Writes past the file's end extend it one by one, serialized by the file
+            // system: make the file longer ahead of them (sparse, costs no space).
+            if let Some(len) = a.extend_to(u64::from(first) + u64::from(got), EXTEND_SLOTS) {
+                if let Err(e) = self.data.set_len(len * u64::from(block_size)) {
+                    tracing::debug!(layer = self.id, error = %e, "could not extend a head's file ahead of its writes");
+                }
+            }
         }
         Ok(out)
     }
@@ -777,6 +796,12 @@ impl Layer {
         Ok(freed)
     }
 }
+
+/// First writes of at least this many consecutive new blocks (128 KiB of 4 KiB blocks)
+/// take slots past the prepared space.
+const LARGE_WRITE_BLOCKS: u32 = 32;
+/// How far past the slots in use a head's file is made long ahead of its writes.
+const EXTEND_SLOTS: u64 = 16384;
 
 /// Appends the run `(block, slot, n)` to `out`, merged with the last run when it follows.
 fn push_run(out: &mut SmallVec<[Placed; 2]>, block: u32, slot: u32, n: u32) {

@@ -234,36 +234,46 @@ pub struct SlotAlloc {
     /// The frontier jumped over the claim while it was written: on completion its slots
     /// go to `free`.
     pub claim_skipped: bool,
+    /// The data file's length in slots, as far as this head made it (see
+    /// [`SlotAlloc::extend_to`]).
+    pub file_slots: u64,
 }
 
 /// The most slots a layer may have: the slot space is 32 bits, like the block space.
 pub const MAX_SLOTS: u64 = 1 << 32;
 
 impl SlotAlloc {
-    /// Starts from a file of `file_slots` slots whose named slots are `used`.
+    /// Starts from a file of `file_slots` slots whose named slots are `used`: the
+    /// frontier is past the last named slot, and the unnamed slots below it are free.
+    /// What lies past it (prepared zeros, a sparse tail) is treated as unprepared.
     pub fn open(used: &roaring::RoaringBitmap, file_slots: u64) -> SlotAlloc {
         let mut free = Vec::new();
         let mut at = 0u64;
         for (s, e) in super::extent::runs(used) {
-            if u64::from(s) >= file_slots {
-                break;
-            }
             if u64::from(s) > at {
                 free.push((at, u64::from(s)));
             }
             at = e;
         }
-        let next = file_slots.max(u64::from(used.max().map_or(0, |m| m + 1)));
-        if at < file_slots {
-            free.push((at, file_slots));
-        }
         SlotAlloc {
-            next,
-            prepared: file_slots,
+            next: at,
+            prepared: at,
             free,
             claim: None,
             claim_skipped: false,
+            file_slots,
         }
+    }
+
+    /// When slots up to `end` lie past the file's end, the length (in slots) to give the
+    /// file so that writes there are not extending writes (which file systems serialize
+    /// and complete synchronously); None when the file is long enough.
+    pub fn extend_to(&mut self, end: u64, step: u64) -> Option<u64> {
+        if end <= self.file_slots {
+            return None;
+        }
+        self.file_slots = (end + step).min(MAX_SLOTS);
+        Some(self.file_slots)
     }
 
     /// Takes up to `want` consecutive slots: `(first, count)`, or None when the slot
@@ -303,6 +313,37 @@ impl SlotAlloc {
         Some((first as u32, n as u32))
     }
 
+    /// Takes up to `want` consecutive slots for a large first write, past the prepared
+    /// space: a write of many blocks allocates little per block in the file system, and
+    /// would use prepared space up (making the preparer write it twice) without gaining
+    /// from it. Prepared slots it passes stay for small writes (they go to the free list).
+    pub fn take_fresh(&mut self, want: u32) -> Option<(u32, u32)> {
+        if self.next < self.prepared {
+            // A claim starts at or past `prepared`: these are prepared and unclaimed.
+            self.free.push((self.next, self.prepared));
+            self.next = self.prepared;
+        }
+        if let Some((cs, ce)) = self.claim {
+            if self.next <= cs {
+                if self.next < cs {
+                    self.free.push((self.next, cs));
+                }
+                self.next = ce;
+                self.claim_skipped = true;
+            } else if self.next < ce {
+                self.next = ce;
+                self.claim_skipped = true;
+            }
+        }
+        let n = u64::from(want.max(1)).min(MAX_SLOTS.saturating_sub(self.next));
+        if n == 0 {
+            return None;
+        }
+        let first = self.next;
+        self.next += n;
+        Some((first as u32, n as u32))
+    }
+
     /// Prepared slots not yet handed out (space written ahead of need).
     pub fn reserve(&self) -> u64 {
         self.prepared.saturating_sub(self.next) + self.free.iter().map(|(s, e)| e - s).sum::<u64>()
@@ -316,7 +357,7 @@ impl SlotAlloc {
             return None;
         }
         let start = self.prepared.max(self.next);
-        if start >= self.next + target || start >= limit.min(MAX_SLOTS) {
+        if self.reserve() >= target || start >= limit.min(MAX_SLOTS) {
             return None;
         }
         let end = (start + chunk).min(limit.min(MAX_SLOTS));
@@ -333,6 +374,7 @@ impl SlotAlloc {
         if !ok {
             return;
         }
+        self.file_slots = self.file_slots.max(e);
         if self.claim_skipped {
             self.free.push((s, e));
         } else {
@@ -400,12 +442,15 @@ mod tests {
     fn alloc_never_hands_out_claimed_or_named_slots() {
         let used: roaring::RoaringBitmap = [0u32, 1, 5, 9].into_iter().collect();
         let mut a = SlotAlloc::open(&used, 12);
-        assert_eq!(a.free, vec![(2, 5), (6, 9), (10, 12)]);
+        assert_eq!(a.free, vec![(2, 5), (6, 9)]);
+        assert_eq!((a.next, a.prepared), (10, 10), "past the last named slot");
         assert_eq!(a.take(8), Some((2, 3)));
         assert_eq!(a.take(1), Some((6, 1)));
         assert_eq!(a.take(8), Some((7, 2)));
-        assert_eq!(a.take(8), Some((10, 2)));
+        assert_eq!(a.take(2), Some((10, 2)));
         assert_eq!(a.take(1), Some((12, 1)));
+        assert_eq!(a.extend_to(13, 100), Some(113), "past the file's end");
+        assert_eq!(a.extend_to(50, 100), None);
         // The preparer claims past the frontier; the allocator stops short of it...
         assert_eq!(a.claim_next(4, 100, 1000), Some((13, 17)));
         assert_eq!(a.take(8), Some((17, 8)), "jumps over the claim");
@@ -428,5 +473,26 @@ mod tests {
         assert_eq!(c.take(3), Some((3, 1)), "stops at the claim");
         c.finish_claim(true);
         assert_eq!(c.claim_next(4, 8, 6), None, "the file limit holds");
+    }
+
+    #[test]
+    fn large_writes_leave_prepared_space_to_small_ones() {
+        let mut a = SlotAlloc::open(&roaring::RoaringBitmap::new(), 0);
+        assert_eq!(a.claim_next(8, 8, 1000), Some((0, 8)));
+        a.finish_claim(true);
+        assert_eq!(a.take(1), Some((0, 1)));
+        // Past the prepared slots, which stay free for small writes.
+        assert_eq!(a.take_fresh(32), Some((8, 32)));
+        assert_eq!(a.free, vec![(1, 8)]);
+        assert_eq!(a.reserve(), 7);
+        assert_eq!(a.claim_next(8, 7, 1000), None, "the reserve is there");
+        assert_eq!(a.claim_next(8, 16, 1000), Some((40, 48)));
+        // Past a claim in progress too; it goes to the free list once written.
+        assert_eq!(a.take_fresh(4), Some((48, 4)));
+        a.finish_claim(true);
+        assert_eq!(a.free, vec![(1, 8), (40, 48)]);
+        assert_eq!(a.take(16), Some((1, 7)));
+        assert_eq!(a.take(16), Some((40, 8)));
+        assert_eq!(a.take(1), Some((52, 1)));
     }
 }
