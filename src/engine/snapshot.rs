@@ -464,6 +464,7 @@ impl Volume {
             switch_us = switch.as_micros() as u64,
             drain_us = drain.as_micros() as u64,
             seal_us = seal.as_micros() as u64,
+            total_us = total.as_micros() as u64,
             "snapshot taken"
         );
         Ok(CutReport {

@@ -333,7 +333,7 @@ depth_row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" "${
 # daemon_ms LOG: the median of the last (up to) 10 "snapshot taken ... total_us=N"
 # lines of the daemon's log, in ms, or "-" when its log says no such thing.
 daemon_ms() {
-    grep 'snapshot taken' "$1" 2>/dev/null | grep -o 'total_us=[0-9]*' | tail -n 10 | cut -d= -f2 | sort -n | awk '
+    { grep 'snapshot taken' "$1" 2>/dev/null || true; } | { grep -o 'total_us=[0-9]*' || true; } | tail -n 10 | cut -d= -f2 | sort -n | awk '
         { v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) printf "%.1f\n", v[(NR + 1) / 2] / 1000; else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2000 }'
 }
 
