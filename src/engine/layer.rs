@@ -642,6 +642,26 @@ impl Layer {
             }
         }
         out.clear();
+        let extend = self.place_new(start, end, &mut out)?;
+        // Outside the lock: a write that lands past the end meanwhile only extends the
+        // file itself.
+        if let Some(len) = extend {
+            if let Err(e) = self.data.set_len(len * u64::from(block_size)) {
+                tracing::debug!(layer = self.id, error = %e, "could not extend a head's file ahead of its writes");
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Layer::place_write`] under the state lock, taking slots for blocks that have
+    /// none; returns the length (in slots) to give the file, if it is too short.
+    fn place_new(
+        &self,
+        start: u32,
+        end: u64,
+        out: &mut SmallVec<[Placed; 2]>,
+    ) -> Result<Option<u64>> {
+        let mut extend = None;
         let mut st = self.state.write();
         let LayerState { slots, alloc, .. } = &mut *st;
         let (Some(t), Some(a)) = (slots.as_mut(), alloc.as_mut()) else {
@@ -654,7 +674,7 @@ impl Layer {
         let mut b = start;
         while u64::from(b) < end {
             if let Some(s) = t.get(b) {
-                push_run(&mut out, b, s, 1);
+                push_run(out, b, s, 1);
                 b += 1;
                 continue;
             }
@@ -680,17 +700,15 @@ impl Layer {
             for i in 0..got {
                 t.set(b + i, first + i);
             }
-            push_run(&mut out, b, first, got);
+            push_run(out, b, first, got);
             b += got;
             // Writes past the file's end extend it one by one, serialized by the file
             // system: make the file longer ahead of them (sparse, costs no space).
             if let Some(len) = a.extend_to(u64::from(first) + u64::from(got), EXTEND_SLOTS) {
-                if let Err(e) = self.data.set_len(len * u64::from(block_size)) {
-                    tracing::debug!(layer = self.id, error = %e, "could not extend a head's file ahead of its writes");
-                }
+                extend = Some(len);
             }
         }
-        Ok(out)
+        Ok(extend)
     }
 
     /// Where the blocks of `blocks` that this layer holds are in its file, as runs.

@@ -351,26 +351,6 @@ pub(crate) fn replay_bytes(
 
     let mut map = LayerMap::default();
     let mut table = slotted.then(SlotTable::default);
-    // Bitmaps first; in a slotted log, the placements after them.
-    let split = |payload: &[u8], n: usize| -> std::io::Result<(Vec<RoaringBitmap>, Vec<SlotRun>)> {
-        let (bms, rest): (Vec<RoaringBitmap>, &[u8]) = if n == 3 {
-            let (b, r) = LayerMap::decode_prefix::<3>(payload)?;
-            (b.into(), r)
-        } else {
-            let (b, r) = LayerMap::decode_prefix::<2>(payload)?;
-            (b.into(), r)
-        };
-        if slotted {
-            Ok((bms, slots::decode_runs(rest)?))
-        } else if rest.is_empty() {
-            Ok((bms, Vec::new()))
-        } else {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "trailing bytes after the bitmaps",
-            ))
-        }
-    };
     let mut sealed = false;
     let mut pos = HEADER_LEN as usize;
     while pos < bytes.len() {
@@ -379,12 +359,11 @@ pub(crate) fn replay_bytes(
             Ok((kind, payload, total)) => {
                 match kind {
                     Kind::Delta => {
-                        let (bms, placed) = split(payload, 3).map_err(|e| {
-                            EngineError::corrupt(path, format!("record at byte {pos}: {e}"))
-                        })?;
-                        let [t, p, z]: [RoaringBitmap; 3] = bms
-                            .try_into()
-                            .map_err(|_| EngineError::corrupt(path, "bitmap count"))?;
+                        let ([t, p, z], placed) = LayerMap::decode_prefix::<3>(payload)
+                            .and_then(|(bms, rest)| Ok((bms, placements(slotted, rest)?)))
+                            .map_err(|e| {
+                                EngineError::corrupt(path, format!("record at byte {pos}: {e}"))
+                            })?;
                         map.apply(&t, &p, &z);
                         if let Some(table) = &mut table {
                             placed.into_iter().for_each(|r| table.set_run(r));
@@ -392,12 +371,11 @@ pub(crate) fn replay_bytes(
                         sealed = false;
                     }
                     Kind::Checkpoint => {
-                        let (bms, placed) = split(payload, 2).map_err(|e| {
-                            EngineError::corrupt(path, format!("record at byte {pos}: {e}"))
-                        })?;
-                        let [p, z]: [RoaringBitmap; 2] = bms
-                            .try_into()
-                            .map_err(|_| EngineError::corrupt(path, "bitmap count"))?;
+                        let ([p, z], placed) = LayerMap::decode_prefix::<2>(payload)
+                            .and_then(|(bms, rest)| Ok((bms, placements(slotted, rest)?)))
+                            .map_err(|e| {
+                                EngineError::corrupt(path, format!("record at byte {pos}: {e}"))
+                            })?;
                         map = LayerMap {
                             present: p,
                             zeroed: z,
@@ -436,6 +414,20 @@ pub(crate) fn replay_bytes(
         valid_len: pos as u64,
         torn_bytes: 0,
     })
+}
+
+/// What follows a record's bitmaps: the placements of a slotted log, nothing otherwise.
+fn placements(slotted: bool, rest: &[u8]) -> std::io::Result<Vec<SlotRun>> {
+    if slotted {
+        slots::decode_runs(rest)
+    } else if rest.is_empty() {
+        Ok(Vec::new())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "trailing bytes after the bitmaps",
+        ))
+    }
 }
 
 /// Checks a header; returns whether the layer is slotted.

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
-use roaring::RoaringBitmap;
 use smallvec::SmallVec;
 
 use super::aligned::AlignedBuf;
@@ -526,10 +525,10 @@ impl Volume {
         // A slotted head keeps the blocks' slots (a slot is never given to another block):
         // their space is punched, and a later write of the block goes there again.
         let punched = if head.slotted {
-            let blocks = RoaringBitmap::from_sorted_iter(start..end as u32)
-                .unwrap_or_else(|_| (start..end as u32).collect());
             let bs = u64::from(self.inner.block_size);
-            head.file_runs(&blocks).iter().try_for_each(|p| {
+            let mut runs = SmallVec::<[Placed; 4]>::new();
+            head.read_runs(start, (end - u64::from(start)) as u32, &mut runs);
+            runs.iter().try_for_each(|p| {
                 fsutil::punch_hole(
                     &head.data,
                     &head.data_path,
