@@ -107,8 +107,10 @@ pub struct Layer {
     /// Blocks live in slots (see [`SlotTable`]), not at their own offsets.
     pub slotted: bool,
     pub state: RwLock<LayerState>,
-    /// The journal, for a head layer (None for layers opened frozen).
-    pub log: Option<Mutex<MapLog>>,
+    /// The map journal of a head, until its seal is durable (None for layers opened
+    /// frozen, and once sealed: a volume with a thousand snapshots keeps one open file
+    /// per layer, not two).
+    log: Mutex<Option<MapLog>>,
     /// The journal ends with a seal: no write may land here any more.
     pub sealed: AtomicBool,
     /// Why a flush of this layer failed. Linux reports a writeback error once per open
@@ -168,7 +170,7 @@ impl Layer {
             data_path,
             slotted: state.slots.is_some(),
             state: RwLock::new(state),
-            log: log.map(Mutex::new),
+            log: Mutex::new(log),
             sealed: AtomicBool::new(sealed),
             inflight: AtomicU64::new(0),
             draining: AtomicBool::new(false),
@@ -420,10 +422,10 @@ impl Layer {
     /// Makes every change to this layer so far durable: data first, then the journal
     /// record of the touched blocks, so a block's map entry is never durable before its data.
     pub fn flush(&self, seal: bool) -> Result<()> {
-        let Some(log) = &self.log else {
+        let mut journal = self.log.lock();
+        let Some(log) = journal.as_mut() else {
             return Ok(());
         };
-        let mut log = log.lock();
         if let Some(why) = self.failed.lock().as_ref() {
             return Err(EngineError::io(
                 &self.data_path,
@@ -497,6 +499,8 @@ impl Layer {
                     st.vlog = None;
                     // No more slots are handed out; the preparer gives the reserve back.
                     st.alloc = None;
+                    // Nothing is appended to a sealed journal: close it.
+                    *journal = None;
                 } else if let (Some(v), Some(m)) = (&mut st.vlog, mark) {
                     v.covered(m);
                 }
