@@ -18,6 +18,11 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = snapblk::cli::run(cli) {
+        if e.chain()
+            .any(|c| c.is::<snapblk::cli::output::StdoutClosed>())
+        {
+            return;
+        }
         eprintln!("snapblk: error: {e:#}");
         std::process::exit(1);
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::Value;
 
-use super::output::{print, Format};
+use super::output::{outln, print, Format};
 use super::snapshot::parse_duration;
 use super::target::{Target, VolumeArg};
 use super::volume::render_status;
@@ -87,7 +87,7 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         }
         Target::Folder(dir) => {
             let v = Volume::open(&dir)?;
-            println!("(not served)");
+            outln!("(not served)");
             print(a.format, &v.status(), render_status)
         }
     }
@@ -139,7 +139,7 @@ pub fn thaw(a: ThawArgs) -> anyhow::Result<()> {
         );
     };
     let r = c.call(Command::Thaw(FreezeArgs::default()))?;
-    println!("thawed {}", r["thawed"]);
+    outln!("thawed {}", r["thawed"]);
     Ok(())
 }
 

@@ -1,6 +1,40 @@
 //! Output format shared by the commands: human text by default, JSON with `-o json`.
 
 use serde::Serialize;
+use std::fmt;
+use std::io::{ErrorKind, Write};
+
+/// Standard output was closed by its reader (`snapblk volume list | head -1`). That ends
+/// the command quietly, as other tools do, rather than as an error or a panic.
+#[derive(Debug)]
+pub struct StdoutClosed;
+
+impl fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("standard output was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Writes one line to standard output; a closed output is [`StdoutClosed`].
+pub fn write_line(args: fmt::Arguments<'_>) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot write to standard output")),
+    }
+}
+
+/// `println!` for the commands' results: returns the write's error (with `?`) instead of
+/// panicking when the output is gone.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::output::write_line(format_args!($($arg)*))?
+    };
+}
+pub(crate) use outln;
 
 /// How a command prints its result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -19,11 +53,11 @@ pub fn print<T: Serialize>(
     human: impl FnOnce(&T) -> String,
 ) -> anyhow::Result<()> {
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(value)?),
         Format::Human => {
             let text = human(value);
             if !text.is_empty() {
-                println!("{}", text.trim_end());
+                outln!("{}", text.trim_end());
             }
         }
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-use super::output::{print, utc, Format};
+use super::output::{outln, print, utc, Format};
 use super::size::human;
 use super::target::{Target, VolumeArg};
 use crate::ctl::protocol::{Command, FreezeMode, NameArgs, SnapshotCreateArgs};
@@ -150,7 +150,7 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
                     v.close()?;
                 }
             }
-            println!("snapshot {name} deleted");
+            outln!("snapshot {name} deleted");
             Ok(())
         }
         SnapshotCommand::Expose {
@@ -171,7 +171,7 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
         SnapshotCommand::Unexpose { name, volume } => {
             let mut c = daemon_for(&volume, "unexpose a snapshot")?;
             let r = c.call(Command::SnapshotUnexpose(NameArgs { name }))?;
-            println!(
+            outln!(
                 "snapshot {} unexposed ({} removed)",
                 r["snapshot"].as_str().unwrap_or("?"),
                 r["device"].as_str().unwrap_or("?")

@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::output::outln;
 use super::size::human;
 use super::target::{Target, VolumeArg};
 use crate::ctl::protocol::ExportArgs as CtlExportArgs;
@@ -167,7 +168,7 @@ pub fn run_import(a: ImportArgs) -> anyhow::Result<()> {
     }
     let bar = Bar::default();
     let summary = import_streams(&a.new_dir, inputs, &bar)?;
-    println!("{}", import_line(&summary));
+    outln!("{}", import_line(&summary));
     Ok(())
 }
 

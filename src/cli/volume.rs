@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::output::{print, utc, Format};
+use super::output::{outln, print, utc, Format};
 use super::size::{human, parse_size};
 use super::target::{resolve, Target};
 use crate::ctl::protocol::{CloneArgs, Command, ResizeArgs};
@@ -88,7 +88,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
                     block_size: a.block_size,
                 },
             )?;
-            println!(
+            outln!(
                 "created volume {} ({}, {}-byte blocks) in {}",
                 v.name(),
                 human(v.size()),
@@ -114,7 +114,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
                     name: snapshot.clone(),
                     dir: dir.to_string_lossy().into_owned(),
                 }))?;
-                println!(
+                outln!(
                     "cloned snapshot {snapshot} of {source} (served) into volume {} ({})",
                     r["volume_id"].as_str().unwrap_or("?"),
                     dir.display()
@@ -124,7 +124,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
             Target::Folder(dir) => {
                 let v = Volume::open(&dir)?;
                 let c = v.clone_snapshot(&snapshot, &new_dir)?;
-                println!(
+                outln!(
                     "cloned snapshot {snapshot} of {} into volume {} ({})",
                     v.name(),
                     c.name(),
@@ -142,7 +142,7 @@ fn resize(a: ResizeCmdArgs) -> anyhow::Result<()> {
         Target::Daemon(mut c, _) => {
             let r = c.call(Command::VolumeResize(ResizeArgs { size: a.size }))?;
             let resized = r["device_resized"].as_bool().unwrap_or(false);
-            println!(
+            outln!(
                 "volume {} is {} ({} bytes){}",
                 a.volume,
                 human(a.size),
@@ -159,7 +159,7 @@ fn resize(a: ResizeCmdArgs) -> anyhow::Result<()> {
             let old = v.size();
             v.resize(a.size)?;
             v.close()?;
-            println!(
+            outln!(
                 "volume {} grew from {} to {} ({} bytes)",
                 dir.display(),
                 human(old),
