@@ -1,6 +1,6 @@
 #!/bin/bash
 # Snapshots of a mounted ext4 and a mounted xfs under a continuous writer, each exposed
-# read-only as its own /dev/ublkbN: 20 snapshots per file system; every one mounts
+# read-only as its own /dev/ublkbN: 10 snapshots per file system; every one mounts
 # read-only without journal or log recovery, holds every file whose checksum was
 # recorded before it was taken (not synced by hand: the freeze must have made them
 # durable), and passes e2fsck -fn / xfs_repair -n.
@@ -25,7 +25,7 @@ modprobe_mod ext4 || fail "cannot load ext4"
 modprobe_mod xfs || fail "cannot load xfs"
 
 # SNAP_TEST_FS / SNAP_TEST_COUNT narrow the test down when debugging it by hand.
-SNAPS=${SNAP_TEST_COUNT:-20}
+SNAPS=${SNAP_TEST_COUNT:-10}
 WRITER_PID=""
 cleanup() {
     [ -n "$WRITER_PID" ] && kill "$WRITER_PID" 2>/dev/null || true
