@@ -13,7 +13,7 @@
 # are flat after warm-up (see "memory and open files" below).
 #
 # Parameters (environment; vm-tests/run passes SNAPBLK_TEST_* through):
-#   SNAPBLK_TEST_SOAK_SECONDS  length of the churn (default 100; the timeout below fits
+#   SNAPBLK_TEST_SOAK_SECONDS  length of the churn (default 80; the timeout below fits
 #                              that, scripts/soak sets a longer one for longer runs)
 #   SNAPBLK_TEST_SOAK_SEED     seed of the operation sequence (default: from the clock);
 #                              printed, so that a run's sequence can be replayed
@@ -25,7 +25,7 @@ need_cmd fio mkfs.ext4 e2fsck md5sum python3 dd
 load_ublk
 modprobe_mod ext4 || fail "cannot load ext4"
 
-DURATION="${SNAPBLK_TEST_SOAK_SECONDS:-100}"
+DURATION="${SNAPBLK_TEST_SOAK_SECONDS:-80}"
 SEED="${SNAPBLK_TEST_SOAK_SEED:-$(($(date +%s) % 1000000))}"
 [[ "$DURATION" =~ ^[1-9][0-9]*$ ]] || fail "SNAPBLK_TEST_SOAK_SECONDS must be a number of seconds"
 [[ "$SEED" =~ ^[0-9]+$ ]] || fail "SNAPBLK_TEST_SOAK_SEED must be a number"
