@@ -16,6 +16,7 @@
 # Prints stage, publish, snapshot (median, max, with the freeze window) and restore
 # latencies, also in $RESULTS/csi-figures.txt.
 # timeout: 1500
+# kernels: 7
 set -euo pipefail
 . "$GUEST_LIB"
 

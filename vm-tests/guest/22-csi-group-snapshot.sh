@@ -12,6 +12,7 @@
 # - retry by name, Get, and failures (a member that does not exist, a window that cannot
 #   fit its deadline): an error, no snapshot left, nothing left frozen; Delete.
 # timeout: 1500
+# kernels: 7
 set -euo pipefail
 . "$GUEST_LIB"
 

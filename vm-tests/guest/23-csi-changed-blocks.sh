@@ -8,6 +8,7 @@
 # copy a backup tool makes, the delta's ranges copied from the target's restore onto the
 # base's restore, gives a volume equal to the target (cmp).
 # timeout: 900
+# kernels: 7
 set -euo pipefail
 . "$GUEST_LIB"
 

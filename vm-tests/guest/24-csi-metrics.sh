@@ -12,6 +12,7 @@
 # - the driver's own CSI calls are counted by method and code, the node's space is there.
 # The guest's loopback is down at boot: the test brings it up.
 # timeout: 900
+# kernels: 7
 set -euo pipefail
 . "$GUEST_LIB"
 
