@@ -4,7 +4,7 @@ use serde::Serialize;
 use std::fmt;
 use std::io::{ErrorKind, Write};
 
-/// Standard output was closed by its reader (`snapblk volume list | head -1`). That ends
+/// Standard output was closed by its reader (`snapblk volume status X | head -1`). That ends
 /// the command quietly, as other tools do, rather than as an error or a panic.
 #[derive(Debug)]
 pub struct StdoutClosed;
