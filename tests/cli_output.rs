@@ -20,6 +20,17 @@ fn run_into_closed_pipe(args: &[&std::ffi::OsStr]) -> std::process::Output {
         .expect("run snapblk")
 }
 
+/// `what` exited 0 without a panic.
+fn ended_quietly(out: &std::process::Output, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{what} into a closed pipe: {:?}, {stderr}",
+        out.status
+    );
+    assert!(!stderr.contains("panicked"), "{what} panicked: {stderr}");
+}
+
 #[test]
 fn a_closed_output_ends_the_command_quietly() {
     let root = scratch();
@@ -31,22 +42,10 @@ fn a_closed_output_ends_the_command_quietly() {
         "--size".as_ref(),
         "8M".as_ref(),
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "create into a closed pipe: {:?}, {stderr}",
-        out.status
-    );
-    assert!(!stderr.contains("panicked"), "create panicked: {stderr}");
+    ended_quietly(&out, "create");
     // The volume was made although its message could not be printed.
     let out = run_into_closed_pipe(&["volume".as_ref(), "status".as_ref(), dir.as_os_str()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "status into a closed pipe: {:?}, {stderr}",
-        out.status
-    );
-    assert!(!stderr.contains("panicked"), "status panicked: {stderr}");
+    ended_quietly(&out, "status");
     let out = Command::new(env!("CARGO_BIN_EXE_snapblk"))
         .args(["volume".as_ref(), "status".as_ref(), dir.as_os_str()])
         .output()

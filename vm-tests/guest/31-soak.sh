@@ -412,9 +412,10 @@ EOF
 [ "$passes" -ge 2 ] || fail "fio ran only $passes passes: nothing was soaked"
 [ "$LAYERS" = "$WARM_LAYERS" ] || fail "settled with $WARM_LAYERS layers at warm-up but $LAYERS at the end"
 [ "$END_FDS" -le "$WARM_FDS" ] || fail "the daemon's open files grew from $WARM_FDS to $END_FDS after warm-up"
-# RssAnon may move by what the allocator keeps cached (glibc's per-thread arenas; it moves
-# up and down in steps of about 3 MiB at exports, the stream's buffers): 8 MiB of slack; a leak of a few kB per operation over a long run
-# goes past it, a CI run is too short to tell a small leak from that noise.
+# RssAnon may move by what the allocator keeps cached (serve fixes glibc's mmap threshold,
+# so large buffers are returned, but small blocks stay in its arenas): 8 MiB of slack; a
+# leak of a few kB per operation over a long run goes past it, a CI run is too short to
+# tell a small leak from that noise.
 if [ "$END_ANON" -gt $((WARM_ANON + 8192)) ]; then
     # Where it grew: anonymous kB per mapping (by address) at warm-up and at the end.
     python3 - "$RESULTS/smaps-warm.txt" "$RESULTS/smaps-end.txt" <<'PY' || true
@@ -422,8 +423,10 @@ import re, sys
 def anon(path):
     out, cur = {}, None
     for line in open(path):
+        f = line.split()
         if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-            cur = line.split()[0] + " " + (line.split()[5] if len(line.split()) > 5 else "[anon]")
+            # Keyed by start address: a mapping that grew keeps it.
+            cur = f[0].split("-")[0] + " " + (f[5] if len(f) > 5 else "[anon]")
             out[cur] = 0
         elif line.startswith("Anonymous:"):
             out[cur] = int(line.split()[1])
