@@ -113,6 +113,9 @@ pub struct Layer {
     log: Mutex<Option<MapLog>>,
     /// The journal ends with a seal: no write may land here any more.
     pub sealed: AtomicBool,
+    /// A cut sealed this slotted head: the preparer is to give its unused reserve back and
+    /// compact its slot table.
+    pub tidy: AtomicBool,
     /// Why a flush of this layer failed. Linux reports a writeback error once per open
     /// file: a second fdatasync may return 0 although the data never reached the disk, so
     /// once a flush failed, every later one fails too, until the volume is reopened.
@@ -160,10 +163,15 @@ impl Layer {
         id: u64,
         data: File,
         data_path: PathBuf,
-        state: LayerState,
+        mut state: LayerState,
         log: Option<MapLog>,
         sealed: bool,
     ) -> Layer {
+        if sealed {
+            if let Some(t) = state.slots.as_mut() {
+                t.freeze();
+            }
+        }
         Layer {
             id,
             data,
@@ -172,6 +180,7 @@ impl Layer {
             state: RwLock::new(state),
             log: Mutex::new(log),
             sealed: AtomicBool::new(sealed),
+            tidy: AtomicBool::new(false),
             inflight: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             drain_lock: Mutex::new(()),
@@ -494,6 +503,7 @@ impl Layer {
                 let mut st = self.state.write();
                 if seal {
                     self.sealed.store(true, Ordering::SeqCst);
+                    self.tidy.store(self.slotted, Ordering::SeqCst);
                     // Everything is in the sealed map journal: the volatile one is done. Its
                     // file is removed off the cut's path (by maintain, or at the next open).
                     st.vlog = None;
@@ -776,6 +786,26 @@ impl Layer {
             .alloc
             .as_ref()
             .map_or(0, |a| a.reserve() * u64::from(block_size))
+    }
+
+    /// Turns a sealed head's slot table into its compact form ([`SlotTable::freeze`]): a
+    /// volume keeps every snapshot's table in memory. The copy is built under the read
+    /// lock, so reads of the layer wait only for the swap.
+    pub fn compact_slots(&self) {
+        if !self.sealed.load(Ordering::SeqCst) {
+            return;
+        }
+        let compact = match &self.state.read().slots {
+            Some(t) if !t.is_frozen() => t.frozen_copy(),
+            _ => return,
+        };
+        let mut st = self.state.write();
+        if let Some(t) = st.slots.as_mut() {
+            // A sealed table never changes; the check only guards that rule.
+            if t.len() == compact.len() && t.end() == compact.end() {
+                *t = compact;
+            }
+        }
     }
 
     /// Gives back the space of a sealed slotted layer's file that no block uses (the

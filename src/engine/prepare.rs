@@ -4,7 +4,8 @@
 //!
 //! One thread per open volume. It keeps up to the *reserve* (`SNAPBLK_HEAD_RESERVE`,
 //! default 64 MiB, at most a quarter of the volume) of prepared slots ahead of the head's
-//! frontier, in 4 MiB chunks, and gives a sealed head's unused reserve back. The reserve
+//! frontier, in 4 MiB chunks, and gives a sealed head's unused reserve back (and turns
+//! its slot table into the compact form of a layer that takes no more writes). The reserve
 //! is the most a volume over-allocates; `status` shows it. A full file system stops it
 //! (the writes then allocate, as in an identity layout) until space comes back: it
 //! prepares only while the file system keeps 64 MiB or 5% of its size free after the
@@ -117,18 +118,22 @@ impl Drop for Preparer {
 
 fn run(vol: Shared, stop: Arc<(Mutex<bool>, Condvar)>) {
     let zeros = AlignedBuf::new(WRITE);
-    // The last head seen, and sealed heads whose reserve is still to give back: weak, so
-    // the preparer never keeps a layer a merge waits to see unused.
-    let mut last: Option<Weak<Layer>> = None;
-    let mut to_trim: Vec<Weak<Layer>> = Vec::new();
     let failed = AtomicBool::new(false);
     loop {
         if *stop.0.lock() {
             return;
         }
-        let (head, depth) = {
+        // Heads sealed by a cut whose reserve is still to give back: weak, so the preparer
+        // never keeps a layer a merge waits to see unused. Found in the stack each time,
+        // however many cuts came since the last look.
+        let (head, depth, sealed) = {
             let stack = vol.stack.read();
-            (stack.last().cloned(), stack.len())
+            let sealed: Vec<Weak<Layer>> = stack
+                .iter()
+                .filter(|l| l.tidy.load(Ordering::SeqCst))
+                .map(Arc::downgrade)
+                .collect();
+            (stack.last().cloned(), stack.len(), sealed)
         };
         let bs = u64::from(vol.block_size);
         let size = vol.size.load(Ordering::SeqCst);
@@ -137,13 +142,9 @@ fn run(vol: Shared, stop: Arc<(Mutex<bool>, Condvar)>) {
         let Some(head) = head else {
             return;
         };
-        if let Some(prev) = last.take() {
-            if prev.as_ptr() != Arc::as_ptr(&head) {
-                to_trim.push(prev);
-            }
+        for l in &sealed {
+            trim(&vol, l, bs as u32);
         }
-        last = Some(Arc::downgrade(&head));
-        to_trim.retain(|l| !trim(&vol, l, bs as u32));
         let target = resolve(vol.reserve.load(Ordering::Relaxed), size) / bs;
         let claim = if !room || target == 0 {
             None
@@ -234,22 +235,20 @@ pub(crate) fn prepare_first(head: &Layer, reserve: u64, block_size: u32, dir: &s
 }
 
 /// Gives back the unused reserve of the sealed head `prev`, if it is still in the stack
-/// (a merge may have replaced it by a layer with more slots: that one is left alone).
-/// Under the merge lock, so no merge is adding slots to its file meanwhile; while a merge
-/// runs, it returns false (try again later). True when done with `prev`.
-fn trim(vol: &Shared, prev: &Weak<Layer>, block_size: u32) -> bool {
+/// (a merge may have replaced it by a layer with more slots: that one is left alone), and
+/// compacts its slot table. Under the merge lock, so no merge is adding slots to its file
+/// meanwhile; while a merge runs, it leaves `prev` for the next round.
+fn trim(vol: &Shared, prev: &Weak<Layer>, block_size: u32) {
     let Some(_merge) = vol.merge.try_lock() else {
-        return false;
+        return;
     };
     let Some(prev) = prev.upgrade() else {
-        return true;
+        return;
     };
-    if !vol.stack.read().iter().any(|l| Arc::ptr_eq(l, &prev)) {
-        return true;
-    }
-    if !prev.sealed.load(Ordering::SeqCst) {
-        // Its cut has not sealed it yet.
-        return false;
+    if !prev.tidy.swap(false, Ordering::SeqCst)
+        || !vol.stack.read().iter().any(|l| Arc::ptr_eq(l, &prev))
+    {
+        return;
     }
     match prev.trim_reserve(block_size) {
         Ok(0) => {}
@@ -264,7 +263,7 @@ fn trim(vol: &Shared, prev: &Weak<Layer>, block_size: u32) -> bool {
             tracing::warn!(layer = prev.id, error = %e, "could not give back a sealed head's unused reserve")
         }
     }
-    true
+    prev.compact_slots();
 }
 
 fn write_zeros(head: &Layer, zeros: &AlignedBuf, offset: u64, len: u64) -> std::io::Result<()> {
