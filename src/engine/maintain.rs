@@ -187,8 +187,11 @@ impl Volume {
             // identity layer), or in new slots past the end of its file (a slotted one),
             // then switch the upper map; the content of every view stays the same
             // throughout, and a crash before the switch leaves only unnamed data behind.
-            // The preparer's trim of a just-sealed head waits (same lock).
+            // The preparer's trim of a just-sealed head waits (same lock), and never comes
+            // for this layer object: if the merge fails after its journal names the new
+            // slots, this object's table lacks them, and a trim by it would cut them off.
             let _trim = upper.prep.lock();
+            upper.tidy.store(false, std::sync::atomic::Ordering::SeqCst);
             let mut slots = upper.state.read().slots.clone();
             let mut next = match &slots {
                 Some(t) => (upper.data_len()? / bs).max(t.end()),
