@@ -14,6 +14,8 @@ pub struct AlignedBuf {
 
 // SAFETY: the buffer is uniquely owned heap memory, like a Vec<u8>.
 unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only read it (writing needs `&mut`), like a Vec<u8>.
+unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
     /// A zeroed buffer of `len` bytes (at least one byte is allocated).

@@ -698,14 +698,7 @@ impl Layer {
             while u64::from(b + n) < end && t.get(b + n).is_none() {
                 n += 1;
             }
-            // A large first write allocates little per block: it leaves the prepared
-            // space to small writes.
-            let taken = if n >= LARGE_WRITE_BLOCKS {
-                a.take_fresh(n)
-            } else {
-                a.take(n)
-            };
-            let Some((first, got)) = taken else {
+            let Some((first, got)) = a.take(n) else {
                 return Err(EngineError::io(
                     &self.data_path,
                     std::io::Error::from_raw_os_error(libc::ENOSPC),
@@ -849,9 +842,6 @@ impl Layer {
     }
 }
 
-/// First writes of at least this many consecutive new blocks (128 KiB of 4 KiB blocks)
-/// take slots past the prepared space.
-const LARGE_WRITE_BLOCKS: u32 = 32;
 /// How far past the slots in use a head's file is made long ahead of its writes.
 const EXTEND_SLOTS: u64 = 16384;
 

@@ -47,6 +47,11 @@ const CHUNK: u64 = 4 << 20;
 const KEEP_FREE: u64 = 64 << 20;
 /// Zeros written per call.
 const WRITE: usize = 1 << 20;
+/// Zeroing writes in flight (threads, the preparer's own included). In the test VM (ext4
+/// and xfs on a virtio disk), 1 MiB zeroing writes four at a time ran at about twice the
+/// speed of one at a time, and 3 to 6 times the speed of the 128 KiB first writes they
+/// spare.
+const WRITERS: usize = 4;
 
 /// True when new heads are slotted (the default).
 pub fn slotted_heads() -> bool {
@@ -266,13 +271,38 @@ fn trim(vol: &Shared, prev: &Weak<Layer>, block_size: u32) {
     prev.compact_slots();
 }
 
+/// Writes zeros over `[offset, offset + len)` of `head`'s file, [`WRITERS`] writes of up
+/// to `zeros.len()` bytes at a time: a file system allocates and converts extents per
+/// write, and several in flight keep the disk busy while one waits.
 fn write_zeros(head: &Layer, zeros: &AlignedBuf, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
-        head.data.write_all_at(&zeros[..n], offset + done)?;
-        done += n as u64;
+    let piece = zeros.len() as u64;
+    let pieces = len.div_ceil(piece);
+    let next = AtomicU64::new(0);
+    let write = || -> std::io::Result<()> {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= pieces {
+                return Ok(());
+            }
+            let n = (len - i * piece).min(piece) as usize;
+            head.data.write_all_at(&zeros[..n], offset + i * piece)?;
+        }
+    };
+    if pieces <= 1 {
+        return write();
     }
-    Ok(())
+    std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..WRITERS.min(pieces as usize))
+            .map(|_| s.spawn(write))
+            .collect();
+        let mut result = write();
+        for h in helpers {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("a zeroing thread panicked")));
+            result = result.and(r);
+        }
+        result
+    })
 }

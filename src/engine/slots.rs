@@ -383,37 +383,6 @@ impl SlotAlloc {
         Some((first as u32, n as u32))
     }
 
-    /// Takes up to `want` consecutive slots for a large first write, past the prepared
-    /// space: a write of many blocks allocates little per block in the file system, and
-    /// would use prepared space up (making the preparer write it twice) without gaining
-    /// from it. Prepared slots it passes stay for small writes (they go to the free list).
-    pub fn take_fresh(&mut self, want: u32) -> Option<(u32, u32)> {
-        if self.next < self.prepared {
-            // A claim starts at or past `prepared`: these are prepared and unclaimed.
-            self.free.push((self.next, self.prepared));
-            self.next = self.prepared;
-        }
-        if let Some((cs, ce)) = self.claim {
-            if self.next <= cs {
-                if self.next < cs {
-                    self.free.push((self.next, cs));
-                }
-                self.next = ce;
-                self.claim_skipped = true;
-            } else if self.next < ce {
-                self.next = ce;
-                self.claim_skipped = true;
-            }
-        }
-        let n = u64::from(want.max(1)).min(MAX_SLOTS.saturating_sub(self.next));
-        if n == 0 {
-            return None;
-        }
-        let first = self.next;
-        self.next += n;
-        Some((first as u32, n as u32))
-    }
-
     /// Prepared slots not yet handed out (space written ahead of need).
     pub fn reserve(&self) -> u64 {
         self.prepared.saturating_sub(self.next) + self.free.iter().map(|(s, e)| e - s).sum::<u64>()
@@ -600,23 +569,18 @@ mod tests {
     }
 
     #[test]
-    fn large_writes_leave_prepared_space_to_small_ones() {
+    fn writes_of_any_size_take_prepared_slots_first() {
         let mut a = SlotAlloc::open(&roaring::RoaringBitmap::new(), 0);
         assert_eq!(a.claim_next(8, 8, 1000), Some((0, 8)));
         a.finish_claim(true);
-        assert_eq!(a.take(1), Some((0, 1)));
-        // Past the prepared slots, which stay free for small writes.
-        assert_eq!(a.take_fresh(32), Some((8, 32)));
-        assert_eq!(a.free, vec![(1, 8)]);
-        assert_eq!(a.reserve(), 7);
-        assert_eq!(a.claim_next(8, 7, 1000), None, "the reserve is there");
-        assert_eq!(a.claim_next(8, 16, 1000), Some((40, 48)));
-        // Past a claim in progress too; it goes to the free list once written.
-        assert_eq!(a.take_fresh(4), Some((48, 4)));
+        // A 128 KiB write: the 8 prepared slots and the next ones, in one run.
+        assert_eq!(a.take(32), Some((0, 32)));
+        assert_eq!(a.reserve(), 0);
+        // A claim in progress is jumped over and, once written, serves from the free list.
+        assert_eq!(a.claim_next(8, 8, 1000), Some((32, 40)));
+        assert_eq!(a.take(32), Some((40, 32)));
         a.finish_claim(true);
-        assert_eq!(a.free, vec![(1, 8), (40, 48)]);
-        assert_eq!(a.take(16), Some((1, 7)));
-        assert_eq!(a.take(16), Some((40, 8)));
-        assert_eq!(a.take(1), Some((52, 1)));
+        assert_eq!(a.free, vec![(32, 40)]);
+        assert_eq!(a.take(32), Some((32, 8)));
     }
 }
