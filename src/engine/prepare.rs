@@ -49,8 +49,8 @@ const KEEP_FREE: u64 = 64 << 20;
 const WRITE: usize = 1 << 20;
 /// Zeroing writes in flight (threads, the preparer's own included). In the test VM (ext4
 /// and xfs on a virtio disk), 1 MiB zeroing writes four at a time ran at about twice the
-/// speed of one at a time, and 3 to 6 times the speed of the 128 KiB first writes they
-/// spare.
+/// speed of one at a time, and 4 to 10 times the speed of the 128 KiB first writes into
+/// holes that they spare (in three runs of four; see docs/engine.md).
 const WRITERS: usize = 4;
 
 /// True when new heads are slotted (the default).
