@@ -137,25 +137,20 @@ impl SlotTable {
     /// Turns the table into its compact, read-only form (see [`SlotTable`]): for layers
     /// that take no more writes. Lookups stay correct; a later change thaws it.
     pub fn freeze(&mut self) {
-        if self.chunks.is_empty() {
-            return;
+        if !self.chunks.is_empty() {
+            *self = self.frozen_copy();
         }
-        self.frozen = self.runs().into_boxed_slice();
-        self.chunks = BTreeMap::new();
     }
 
     /// A compact copy of this table (see [`SlotTable::freeze`]).
     pub fn frozen_copy(&self) -> SlotTable {
-        let mut t = SlotTable {
+        // A table with no placement has no runs: its compact form is the empty table.
+        SlotTable {
             chunks: BTreeMap::new(),
             frozen: self.runs().into_boxed_slice(),
             placed: self.placed,
             end: self.end,
-        };
-        if t.frozen.is_empty() {
-            t.chunks = self.chunks.clone();
         }
-        t
     }
 
     /// True when the table is in its compact form.
