@@ -38,14 +38,17 @@ enum Chunk {
 /// A block-to-slot map. Memory: 8 bytes per placed block while a 1024-block chunk holds
 /// few of them, 4 KiB per chunk (4 bytes per block) once it holds more than 256. A sealed
 /// layer's table never changes, and a volume keeps a thousand of them: [`SlotTable::freeze`]
-/// turns it into a sorted list of runs, 12 bytes a run (one per scattered block, one per
-/// sequential write), where the chunks of scattered writes cost about 40 bytes a block.
+/// turns it into sorted lists: single blocks as `(block, slot)`, 8 bytes each, and runs of
+/// more than one block as `(block, slot, count)`, 12 bytes each (one per sequential
+/// write), where the chunks of scattered writes cost about 40 bytes a block.
 #[derive(Clone, Debug, Default)]
 pub struct SlotTable {
     chunks: BTreeMap<u32, Chunk>,
-    /// The placements as maximal runs in block order, once frozen (`chunks` is empty
-    /// then); a change thaws them back into chunks.
+    /// The placements as maximal runs of more than one block, in block order, once
+    /// frozen (`chunks` is empty then); a change thaws them back into chunks.
     frozen: Box<[SlotRun]>,
+    /// The frozen runs of one block, as `(block, slot)` in block order.
+    single: Box<[(u32, u32)]>,
     placed: u64,
     /// One past the highest slot named.
     end: u64,
@@ -64,8 +67,8 @@ pub type SlotRun = (u32, u32, u32);
 impl SlotTable {
     /// The slot of `block`, if it has one.
     pub fn get(&self, block: u32) -> Option<u32> {
-        if !self.frozen.is_empty() {
-            return frozen_get(&self.frozen, block);
+        if self.is_frozen() {
+            return frozen_get(&self.frozen, &self.single, block);
         }
         let off = (block as usize) & (CHUNK_LEN - 1);
         match self.chunks.get(&(block >> CHUNK_BITS))? {
@@ -79,7 +82,7 @@ impl SlotTable {
 
     /// Gives `block` the slot `slot` (replacing any it had: only replays and merges do).
     pub fn set(&mut self, block: u32, slot: u32) {
-        if !self.frozen.is_empty() {
+        if self.is_frozen() {
             self.thaw();
         }
         let off = (block as usize) & (CHUNK_LEN - 1);
@@ -145,9 +148,12 @@ impl SlotTable {
     /// A compact copy of this table (see [`SlotTable::freeze`]).
     pub fn frozen_copy(&self) -> SlotTable {
         // A table with no placement has no runs: its compact form is the empty table.
+        let (single, runs): (Vec<SlotRun>, Vec<SlotRun>) =
+            self.runs().into_iter().partition(|r| r.2 == 1);
         SlotTable {
             chunks: BTreeMap::new(),
-            frozen: self.runs().into_boxed_slice(),
+            frozen: runs.into_boxed_slice(),
+            single: single.into_iter().map(|(b, s, _)| (b, s)).collect(),
             placed: self.placed,
             end: self.end,
         }
@@ -155,22 +161,37 @@ impl SlotTable {
 
     /// True when the table is in its compact form.
     pub fn is_frozen(&self) -> bool {
-        !self.frozen.is_empty()
+        !self.frozen.is_empty() || !self.single.is_empty()
     }
 
     /// Moves a frozen table's runs back into chunks, to change them.
     fn thaw(&mut self) {
         let runs = std::mem::take(&mut self.frozen);
+        let single = std::mem::take(&mut self.single);
         self.placed = 0;
         for r in runs.iter() {
             self.set_run(*r);
+        }
+        for &(b, s) in single.iter() {
+            self.set(b, s);
         }
     }
 
     /// Every placement, as maximal runs in block order.
     pub fn runs(&self) -> Vec<SlotRun> {
-        if !self.frozen.is_empty() {
-            return self.frozen.to_vec();
+        if self.is_frozen() {
+            // Both lists are in block order and never overlap: merge them.
+            let mut out = Vec::with_capacity(self.frozen.len() + self.single.len());
+            let (mut runs, mut single) = (self.frozen.iter().peekable(), self.single.iter());
+            for &(b, s) in &mut single {
+                while let Some(&&r) = runs.peek().filter(|r| r.0 < b) {
+                    out.push(r);
+                    runs.next();
+                }
+                out.push((b, s, 1));
+            }
+            out.extend(runs);
+            return out;
         }
         let mut out: Vec<SlotRun> = Vec::new();
         let mut push = |b: u32, s: u32| match out.last_mut() {
@@ -217,6 +238,7 @@ impl SlotTable {
     /// Approximate memory held, in bytes.
     pub fn memory(&self) -> usize {
         self.frozen.len() * std::mem::size_of::<SlotRun>()
+            + self.single.len() * std::mem::size_of::<(u32, u32)>()
             + self
                 .chunks
                 .values()
@@ -229,8 +251,12 @@ impl SlotTable {
     }
 }
 
-/// The slot of `block` in `runs` (sorted, non-overlapping runs in block order).
-fn frozen_get(runs: &[SlotRun], block: u32) -> Option<u32> {
+/// The slot of `block` in a frozen table: `single` blocks and `runs` (each sorted in
+/// block order, none overlapping another).
+fn frozen_get(runs: &[SlotRun], single: &[(u32, u32)], block: u32) -> Option<u32> {
+    if let Ok(i) = single.binary_search_by_key(&block, |e| e.0) {
+        return Some(single[i].1);
+    }
     let i = runs.partition_point(|r| r.0 <= block);
     let &(b, s, n) = runs.get(i.checked_sub(1)?)?;
     (u64::from(block) < u64::from(b) + u64::from(n)).then(|| s + (block - b))
@@ -429,7 +455,11 @@ mod tests {
         /// to it (a merge's) gives the same table as the change made before freezing.
         #[test]
         fn a_frozen_table_answers_as_before(
-            places in proptest::collection::vec((0u32..5000, 0u32..100_000, 1u32..40), 0..300),
+            // Single blocks and longer runs mixed, as scattered and sequential writes.
+            places in proptest::collection::vec(
+                (0u32..5000, 0u32..100_000, prop_oneof![Just(1u32), 2u32..40]),
+                0..300,
+            ),
             change in (0u32..5000, 0u32..100_000, 1u32..40),
         ) {
             let mut t = SlotTable::default();
@@ -467,7 +497,8 @@ mod tests {
         }
         let before = t.memory();
         t.freeze();
-        assert_eq!(t.memory(), 256 * 12);
+        // One single block each, 8 bytes.
+        assert_eq!(t.memory(), 256 * 8);
         assert!(
             t.memory() * 2 < before,
             "{} bytes frozen, {before} before",
