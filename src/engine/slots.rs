@@ -182,8 +182,8 @@ impl SlotTable {
         if self.is_frozen() {
             // Both lists are in block order and never overlap: merge them.
             let mut out = Vec::with_capacity(self.frozen.len() + self.single.len());
-            let (mut runs, mut single) = (self.frozen.iter().peekable(), self.single.iter());
-            for &(b, s) in &mut single {
+            let mut runs = self.frozen.iter().peekable();
+            for &(b, s) in self.single.iter() {
                 while let Some(&&r) = runs.peek().filter(|r| r.0 < b) {
                     out.push(r);
                     runs.next();
