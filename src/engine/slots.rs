@@ -44,11 +44,11 @@ enum Chunk {
 #[derive(Clone, Debug, Default)]
 pub struct SlotTable {
     chunks: BTreeMap<u32, Chunk>,
-    /// The placements as maximal runs of more than one block, in block order, once
-    /// frozen (`chunks` is empty then); a change thaws them back into chunks.
-    frozen: Box<[SlotRun]>,
-    /// The frozen runs of one block, as `(block, slot)` in block order.
-    single: Box<[(u32, u32)]>,
+    /// Once frozen (`chunks` is empty then), the maximal runs of more than one block, in
+    /// block order; a change thaws them back into chunks.
+    frozen_runs: Box<[SlotRun]>,
+    /// Once frozen, the runs of one block as `(block, slot)`, in block order.
+    frozen_singles: Box<[(u32, u32)]>,
     placed: u64,
     /// One past the highest slot named.
     end: u64,
@@ -68,7 +68,7 @@ impl SlotTable {
     /// The slot of `block`, if it has one.
     pub fn get(&self, block: u32) -> Option<u32> {
         if self.is_frozen() {
-            return frozen_get(&self.frozen, &self.single, block);
+            return frozen_get(&self.frozen_runs, &self.frozen_singles, block);
         }
         let off = (block as usize) & (CHUNK_LEN - 1);
         match self.chunks.get(&(block >> CHUNK_BITS))? {
@@ -148,12 +148,17 @@ impl SlotTable {
     /// A compact copy of this table (see [`SlotTable::freeze`]).
     pub fn frozen_copy(&self) -> SlotTable {
         // A table with no placement has no runs: its compact form is the empty table.
-        let (single, runs): (Vec<SlotRun>, Vec<SlotRun>) =
-            self.runs().into_iter().partition(|r| r.2 == 1);
+        let (mut runs, mut singles) = (Vec::new(), Vec::new());
+        for r in self.runs() {
+            match r {
+                (b, s, 1) => singles.push((b, s)),
+                r => runs.push(r),
+            }
+        }
         SlotTable {
             chunks: BTreeMap::new(),
-            frozen: runs.into_boxed_slice(),
-            single: single.into_iter().map(|(b, s, _)| (b, s)).collect(),
+            frozen_runs: runs.into(),
+            frozen_singles: singles.into(),
             placed: self.placed,
             end: self.end,
         }
@@ -161,18 +166,18 @@ impl SlotTable {
 
     /// True when the table is in its compact form.
     pub fn is_frozen(&self) -> bool {
-        !self.frozen.is_empty() || !self.single.is_empty()
+        !self.frozen_runs.is_empty() || !self.frozen_singles.is_empty()
     }
 
     /// Moves a frozen table's runs back into chunks, to change them.
     fn thaw(&mut self) {
-        let runs = std::mem::take(&mut self.frozen);
-        let single = std::mem::take(&mut self.single);
+        let runs = std::mem::take(&mut self.frozen_runs);
+        let singles = std::mem::take(&mut self.frozen_singles);
         self.placed = 0;
-        for r in runs.iter() {
-            self.set_run(*r);
+        for &r in runs.iter() {
+            self.set_run(r);
         }
-        for &(b, s) in single.iter() {
+        for &(b, s) in singles.iter() {
             self.set(b, s);
         }
     }
@@ -181,9 +186,9 @@ impl SlotTable {
     pub fn runs(&self) -> Vec<SlotRun> {
         if self.is_frozen() {
             // Both lists are in block order and never overlap: merge them.
-            let mut out = Vec::with_capacity(self.frozen.len() + self.single.len());
-            let mut runs = self.frozen.iter().peekable();
-            for &(b, s) in self.single.iter() {
+            let mut out = Vec::with_capacity(self.frozen_runs.len() + self.frozen_singles.len());
+            let mut runs = self.frozen_runs.iter().peekable();
+            for &(b, s) in self.frozen_singles.iter() {
                 while let Some(&&r) = runs.peek().filter(|r| r.0 < b) {
                     out.push(r);
                     runs.next();
@@ -237,8 +242,8 @@ impl SlotTable {
 
     /// Approximate memory held, in bytes.
     pub fn memory(&self) -> usize {
-        self.frozen.len() * std::mem::size_of::<SlotRun>()
-            + self.single.len() * std::mem::size_of::<(u32, u32)>()
+        self.frozen_runs.len() * std::mem::size_of::<SlotRun>()
+            + self.frozen_singles.len() * std::mem::size_of::<(u32, u32)>()
             + self
                 .chunks
                 .values()
@@ -251,11 +256,11 @@ impl SlotTable {
     }
 }
 
-/// The slot of `block` in a frozen table: `single` blocks and `runs` (each sorted in
-/// block order, none overlapping another).
-fn frozen_get(runs: &[SlotRun], single: &[(u32, u32)], block: u32) -> Option<u32> {
-    if let Ok(i) = single.binary_search_by_key(&block, |e| e.0) {
-        return Some(single[i].1);
+/// The slot of `block` in a frozen table: `runs` and `singles` (each sorted in block
+/// order, none overlapping another).
+fn frozen_get(runs: &[SlotRun], singles: &[(u32, u32)], block: u32) -> Option<u32> {
+    if let Ok(i) = singles.binary_search_by_key(&block, |e| e.0) {
+        return Some(singles[i].1);
     }
     let i = runs.partition_point(|r| r.0 <= block);
     let &(b, s, n) = runs.get(i.checked_sub(1)?)?;
