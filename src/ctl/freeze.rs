@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::protocol::{CtlError, ErrorCode};
@@ -338,8 +338,13 @@ impl FreezeGuard {
                 tracing::warn!(marker = %m.display(), error = %e, "cannot write the freeze marker");
             }
         }
+        // Its start-up (an exec) overlaps the syncs below; it must be watching before the
+        // first FIFREEZE.
+        let mut starting = None;
         if let Some(program) = watchdog {
-            guard.watchdog = Some(spawn_watchdog(program, &mounts, timeout)?);
+            let (child, stdin, out) = spawn_watchdog(program, &mounts, timeout)?;
+            guard.watchdog = Some((child, stdin));
+            starting = Some(out);
         }
         // Writers went on during the first sync and the watchdog's start: write back what
         // they dirtied meanwhile, again while that keeps getting quicker, so that FIFREEZE
@@ -355,6 +360,28 @@ impl FreezeGuard {
                 break;
             }
             last = took;
+        }
+        if let Some(out) = starting {
+            let t = Instant::now();
+            let within = WATCHDOG_START.min(guard.deadline.saturating_duration_since(t));
+            let ready = wait_ready(out, within).inspect_err(|_| {
+                // Nothing is frozen yet; dropping the guard reaps it.
+                if let Some((child, _)) = guard.watchdog.as_mut() {
+                    let _ = child.kill();
+                }
+            })?;
+            if !ready {
+                tracing::warn!(
+                    waited_ms = within.as_millis() as u64,
+                    "the freeze watchdog is slow to start; freezing anyway (it thaws once it runs)"
+                );
+            }
+            // Writers went on while it started: once more, what they dirtied meanwhile.
+            if t.elapsed() >= SYNC_SHORT && Instant::now() < guard.deadline {
+                for m in &mounts {
+                    sync_before_freeze(m, device);
+                }
+            }
         }
         guard.holding_since = Some(Instant::now());
         for m in mounts {
@@ -425,18 +452,28 @@ impl Drop for FreezeGuard {
     }
 }
 
+/// What the watchdog prints once it watches its stdin: nothing is frozen before the
+/// process that thaws it runs (one that exits at start, a binary replaced by an
+/// incompatible one during an upgrade say, fails the freeze instead of leaving it
+/// unguarded).
+const WATCHDOG_READY: &[u8] = b"ready\n";
+/// How long to wait for [`WATCHDOG_READY`]; past it the freeze goes ahead (a slow
+/// watchdog still thaws, once it runs) with a warning.
+const WATCHDOG_START: Duration = Duration::from_secs(2);
+
+/// Starts the watchdog; its stdout is for [`wait_ready`].
 fn spawn_watchdog(
     program: &Path,
     mounts: &[PathBuf],
     timeout: Duration,
-) -> Result<(Child, ChildStdin), CtlError> {
+) -> Result<(Child, ChildStdin, ChildStdout), CtlError> {
     let mut child = Command::new(program)
         .arg("freeze-watchdog")
         .arg("--timeout-ms")
         .arg(timeout.as_millis().to_string())
         .args(mounts)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| {
             CtlError::new(
@@ -451,7 +488,57 @@ fn spawn_watchdog(
         .stdin
         .take()
         .ok_or_else(|| CtlError::new(ErrorCode::Internal, "the freeze watchdog has no stdin"))?;
-    Ok((child, stdin))
+    let out = child
+        .stdout
+        .take()
+        .ok_or_else(|| CtlError::new(ErrorCode::Internal, "the freeze watchdog has no stdout"))?;
+    Ok((child, stdin, out))
+}
+
+/// Waits up to `within` for the watchdog's [`WATCHDOG_READY`] on `out`: Ok(false) when it
+/// did not come in time, an error when the watchdog closed its output without it (it
+/// exited) or printed something else (not a watchdog).
+fn wait_ready(mut out: ChildStdout, within: Duration) -> Result<bool, CtlError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let gone = |why: String| {
+        CtlError::new(
+            ErrorCode::Internal,
+            format!("the freeze watchdog did not start ({why}); nothing was frozen"),
+        )
+    };
+    let deadline = Instant::now() + within;
+    let mut got = Vec::with_capacity(WATCHDOG_READY.len());
+    while got.len() < WATCHDOG_READY.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        if ms == 0 {
+            return Ok(false);
+        }
+        let mut fds = [PollFd::new(out.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) => return Ok(false),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(gone(format!("poll: {e}"))),
+        }
+        let mut buf = [0u8; 16];
+        let want = WATCHDOG_READY.len() - got.len();
+        match out.read(&mut buf[..want]) {
+            Ok(0) => return Err(gone("no output".into())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(gone(e.to_string())),
+        }
+    }
+    if got == WATCHDOG_READY {
+        Ok(true)
+    } else {
+        Err(gone(format!(
+            "it printed {:?}",
+            String::from_utf8_lossy(&got)
+        )))
+    }
 }
 
 /// The watchdog's body (`snapblk freeze-watchdog`): waits for `done` on stdin; if stdin
@@ -465,6 +552,12 @@ pub fn run_watchdog(timeout: Duration, mounts: &[PathBuf]) -> i32 {
         let _ = stdin.read_to_end(&mut buf);
         let _ = tx.send(buf.starts_with(b"done"));
     });
+    // Watching stdin from now on: tell the daemon it may freeze. Should the daemon be gone
+    // already, the write fails and stdin's end below thaws anything left.
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(WATCHDOG_READY).and_then(|()| out.flush());
+    }
     let deadline = Instant::now() + timeout;
     match rx.recv_timeout(timeout) {
         Ok(true) => return 0,
@@ -681,6 +774,25 @@ mod tests {
     }
 
     #[test]
+    fn a_watchdog_that_exits_at_start_fails_the_freeze_before_any_ioctl() {
+        // `false` stands for a watchdog binary that cannot run: the freeze is refused
+        // (the mount, which does not exist, is never opened for FIFREEZE).
+        let e = FreezeGuard::freeze(
+            vec![PathBuf::from("/nonexistent/mount")],
+            Duration::from_secs(5),
+            Some(Path::new("false")),
+            None,
+        )
+        .err()
+        .expect("froze without a watchdog");
+        assert!(
+            e.message.contains("watchdog did not start"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
     fn no_mounts_means_nothing_to_freeze() {
         assert_eq!(
             targets((u32::MAX, u32::MAX), Path::new(NO_DEVICE), None).expect("lookup"),
@@ -690,5 +802,46 @@ mod tests {
             FreezeGuard::freeze(vec![], Duration::from_secs(1), None, None).expect("empty freeze");
         assert!(g.mounts().is_empty());
         g.thaw().expect("thaw nothing");
+    }
+
+    /// The output of `sh -c SCRIPT`, for [`wait_ready`].
+    fn child_output(script: &str) -> (Child, ChildStdout) {
+        let mut c = Command::new("sh")
+            .args(["-c", script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn sh");
+        let out = c.stdout.take().expect("stdout");
+        (c, out)
+    }
+
+    #[test]
+    fn the_freeze_waits_for_a_ready_watchdog() {
+        let (mut c, out) = child_output("printf 're'; sleep 0.1; printf 'ady\\n'; sleep 5");
+        assert!(wait_ready(out, Duration::from_secs(5)).expect("ready"));
+        c.kill().ok();
+        c.wait().ok();
+
+        let (mut c, out) = child_output("sleep 5");
+        let t = Instant::now();
+        assert!(!wait_ready(out, Duration::from_millis(200)).expect("slow is no error"));
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "waited {:?}",
+            t.elapsed()
+        );
+        c.kill().ok();
+        c.wait().ok();
+
+        for script in ["exit 3", "printf 'nope!\\n'"] {
+            let (mut c, out) = child_output(script);
+            let e = wait_ready(out, Duration::from_secs(5)).expect_err(script);
+            assert!(
+                e.message.contains("nothing was frozen"),
+                "{script}: {}",
+                e.message
+            );
+            c.wait().ok();
+        }
     }
 }

@@ -8,7 +8,8 @@
 # the restarted daemon lists the same snapshots; a snapshot cloned into a new volume
 # mounts without journal recovery, passes e2fsck, and holds the files checksummed before it.
 # Also prints the stall figures under a database-like writer (appends with fsync plus
-# dirty page cache).
+# dirty page cache), against the same run's bare freeze (the same syncs, FIFREEZE, FITHAW
+# at once, no snapshot: what any freeze-based snapshot pays) with and without the writer.
 # timeout: 900
 set -euo pipefail
 . "$GUEST_LIB"
@@ -61,6 +62,37 @@ awk '$3 < $1 { bad = 1 } END { exit bad }' "$WORK/frozen_ms" || fail "a stall sh
 sort -n "$WORK/frozen_ms" | awk '{f[NR]=$1; c[NR]=$2} END {printf "frozen ms: median %.2f max %.2f; cut ms: median %.2f\n", f[int((NR+1)/2)], f[NR], c[int((NR+1)/2)]}' | tee "$RESULTS/freeze-figures.txt"
 sort -k3,3n "$WORK/frozen_ms" | awk '{s[NR]=$3; y+=$4} END {printf "writers held (FIFREEZE to thaw) ms: median %.2f max %.2f; syncfs before the freeze ms: mean %.2f\n", s[int((NR+1)/2)], s[NR], y/NR}' | tee -a "$RESULTS/freeze-figures.txt"
 
+# The baseline of the stall figures: syncfs while each pass is quicker than the one before
+# (as the daemon does), then FIFREEZE and FITHAW at once; prints the milliseconds from the
+# start of FIFREEZE to the end of FITHAW (the writers' hold without a snapshot), then those
+# of FIFREEZE and of FITHAW.
+cat >"$WORK/bare-freeze.py" <<'EOF'
+import ctypes, fcntl, os, struct, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open(sys.argv[1], os.O_RDONLY)
+def syncfs():
+    t = time.monotonic()
+    libc.syncfs(fd)
+    return time.monotonic() - t
+last = syncfs()
+for _ in range(3):
+    took = syncfs()
+    if took < 0.005 or took >= last:
+        break
+    last = took
+t0 = time.monotonic()
+fcntl.ioctl(fd, 0xC0045877, struct.pack("i", 0))
+t1 = time.monotonic()
+fcntl.ioctl(fd, 0xC0045878, struct.pack("i", 0))
+t2 = time.monotonic()
+print("%.3f %.3f %.3f" % ((t2 - t0) * 1e3, (t1 - t0) * 1e3, (t2 - t1) * 1e3))
+EOF
+: >"$WORK/bare-idle"
+for _ in $(seq 1 10); do
+    python3 "$WORK/bare-freeze.py" "$MNT" >>"$WORK/bare-idle" || fail "a bare freeze of the idle file system failed"
+    sleep 0.2
+done
+
 info "10 snapshots under a database-like writer (appends with fsync, dirty page cache)"
 # A journal of 4 KiB appends each followed by fsync, and buffered random 4 KiB writes to
 # a table file that only the page cache holds. Prints the stall figures (median, max)
@@ -91,9 +123,14 @@ with open(out, "w") as f:
 EOF
 DB_PID=$!
 sleep 1
+# Snapshots and bare freezes alternate, so that both meet the same writer and host.
+: >"$WORK/bare-db"
 for n in $(seq 1 10); do
     "$SNAPBLK" snapshot create "db-$n" -V vol --socket "$SOCK" -o json >"$WORK/db-$n.json" ||
         fail "snapshot db-$n failed: $(cat "$WORK/db-$n.json")"
+    sleep 0.2
+    python3 "$WORK/bare-freeze.py" "$MNT" >>"$WORK/bare-db" || fail "a bare freeze under the writer failed"
+    sleep 0.2
 done
 kill "$DB_PID"; wait "$DB_PID" || fail "the database-like writer failed"
 read -r db_ops db_worst <"$WORK/db-writer"
@@ -108,6 +145,17 @@ print("database-like writer: stall ms median %.2f max %.2f; mean ms: syncfs %.2f
       "frozen %.2f cut %.2f (prepare %.2f switch %.2f seal %.2f); %d fsyncs, longest %.2f ms"
       % (statistics.median(stall), stall[-1], mean("sync_ms"), mean("freeze_ms"), mean("frozen_ms"),
          mean("cut_ms"), mean("prepare_ms"), mean("switch_ms"), mean("seal_ms"), ops, worst))
+bare_runs = [[float(x) for x in l.split()] for l in open("%s/bare-db" % work)]
+bare = sorted(r[0] for r in bare_runs)
+idle = sorted(float(l.split()[0]) for l in open("%s/bare-idle" % work))
+med = lambda rows, i: statistics.median(r[i] for r in rows)
+print("bare freeze (same syncs, FIFREEZE then FITHAW, no snapshot) ms: under the writer median %.2f "
+      "max %.2f (FIFREEZE %.2f, FITHAW %.2f), idle median %.2f; snapshot's medians: FIFREEZE %.2f, "
+      "frozen %.2f; stall/bare ratio of medians %.2f"
+      % (statistics.median(bare), bare[-1], med(bare_runs, 1), med(bare_runs, 2),
+         statistics.median(idle), statistics.median(r["freeze_ms"] for r in runs),
+         statistics.median(r["frozen_ms"] for r in runs),
+         statistics.median(stall) / statistics.median(bare)))
 if stall[-1] > 5000:
     sys.exit("a snapshot held the writers for over 5 s: %s" % stall)
 EOF
