@@ -228,6 +228,57 @@ fn csi_ids_that_could_name_another_folder_are_refused() {
 }
 
 #[test]
+fn a_manifest_smaller_than_its_data_is_refused_and_nothing_is_cut() {
+    // A manifest with a smaller size than its layers' maps (one restored from before a
+    // grow, say): opening it must name the problem and change no file, since cutting a
+    // data file back to that size would lose what lies past it.
+    let (scratch, _) = scratch_with_shm_journals();
+    let dir = scratch.path().join("v");
+    small_volume(&dir);
+    let snapshot_files = |d: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+        files_under(d)
+            .into_iter()
+            .filter(|p| !p.ends_with("lock"))
+            .map(|p| {
+                let b = fs::read(&p).expect("read");
+                (p, b)
+            })
+            .collect()
+    };
+    let original = fs::read(dir.join("volume.json")).expect("manifest");
+    // 32 KiB: the head's block 16 is past the end; 16 KiB: snapshot b's blocks 4 and 5 too.
+    for size in [32u64 << 10, 16 << 10] {
+        fs::write(dir.join("volume.json"), &original).expect("restore");
+        rewrite_manifest(&dir, |m| {
+            let edited = m.replace("\"size\":262144", &format!("\"size\":{size}"));
+            assert_ne!(edited, m, "no size field in {m}");
+            edited
+        });
+        let before = snapshot_files(&dir);
+        let e = Volume::open(&dir)
+            .err()
+            .unwrap_or_else(|| panic!("a {size}-byte manifest over 256 KiB of maps opened"));
+        assert!(
+            e.to_string().contains("past the end of the volume"),
+            "{size}: {e}"
+        );
+        assert!(
+            before == snapshot_files(&dir),
+            "{size}: opening changed a file"
+        );
+    }
+    fs::write(dir.join("volume.json"), &original).expect("restore");
+    let v = Volume::open(&dir).expect("the right manifest opens");
+    let mut buf = vec![0u8; 4096];
+    v.read(65536, &mut buf).expect("read");
+    assert!(
+        buf.iter().all(|&b| b == 0x5A),
+        "the data past 32 KiB was lost"
+    );
+    v.close().expect("close");
+}
+
+#[test]
 fn a_manifest_whose_volume_id_names_another_folder_is_refused() {
     // The volume id becomes part of the volatile journals' names in shared memory: a
     // manifest (checksummed, not signed) must not make the engine create or remove a

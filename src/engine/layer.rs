@@ -261,6 +261,9 @@ impl Layer {
         // holds nothing flushed, whatever the length of its data file.
         let (log, replayed) =
             MapLog::open_head(&map_path(dir, id), id, super::prepare::slotted_heads())?;
+        // Before any length fix-up below: a map past the volume's end means the size in the
+        // manifest is wrong, and cutting the file back to it would lose data.
+        check_within(&replayed.map, &map_path(dir, id), size, block_size)?;
         if replayed.slots.is_some() {
             // A slotted head's file is as long as its slots: checked after the replay.
         } else if len < size {
@@ -331,6 +334,7 @@ impl Layer {
             .map_err(|e| EngineError::io(&dpath, e))?
             .len();
         let (mut map, slots) = MapLog::read_sealed(&map_path(dir, id), id)?;
+        check_within(&map, &map_path(dir, id), size, block_size)?;
         if let Some(t) = &slots {
             check_slots(&map, t, &dpath, len, block_size)?;
         } else if len > size {
@@ -866,6 +870,26 @@ fn runs_in(t: &SlotTable, start: u32, count: u32, out: &mut SmallVec<[Placed; 2]
         }
     }
     true
+}
+
+/// Refuses a layer map (read from `path`) that names blocks past the end of a volume of
+/// `size` bytes: no request reaches them, so only a wrong size in the manifest (one from
+/// before a grow, say) or a map from another volume explains them, and serving on would
+/// hide data or hand those blocks to exports and changed-block lists.
+fn check_within(map: &LayerMap, path: &Path, size: u64, block_size: u32) -> Result<()> {
+    let blocks = size / u64::from(block_size);
+    let last = map.present.max().into_iter().chain(map.zeroed.max()).max();
+    match last {
+        Some(b) if u64::from(b) >= blocks => Err(EngineError::corrupt(
+            path,
+            format!(
+                "the map names block {b}, past the end of the volume ({size} bytes, {blocks} \
+                 blocks): the manifest's size is smaller than the data it describes (a \
+                 manifest from before a grow?) or the map is another volume's"
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Refuses a slotted layer whose placements do not fit its file or leave a block with
