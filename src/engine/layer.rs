@@ -874,8 +874,8 @@ fn runs_in(t: &SlotTable, start: u32, count: u32, out: &mut SmallVec<[Placed; 2]
 
 /// Refuses a layer map (read from `path`) that names blocks past the end of a volume of
 /// `size` bytes: no request reaches them, so only a wrong size in the manifest (one from
-/// before a grow, say) or a map from another volume explains them, and serving on would
-/// hide data or hand those blocks to exports and changed-block lists.
+/// before a grow, say) or a map from another volume explains them. Serving on would show
+/// a device too small for its data, and an identity head would be cut back to that size.
 fn check_within(map: &LayerMap, path: &Path, size: u64, block_size: u32) -> Result<()> {
     let blocks = size / u64::from(block_size);
     let last = map.present.max().into_iter().chain(map.zeroed.max()).max();
