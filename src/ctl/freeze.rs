@@ -313,10 +313,13 @@ impl FreezeGuard {
         watchdog: Option<&Path>,
         marker: Option<PathBuf>,
     ) -> Result<FreezeGuard, CtlError> {
+        let sync_all = |mounts: &[PathBuf]| {
+            for m in mounts {
+                sync_before_freeze(m, device);
+            }
+        };
         // Before the deadline starts: writers are not held yet.
-        for m in &mounts {
-            sync_before_freeze(m, device);
-        }
+        sync_all(&mounts);
         let deadline = Instant::now() + timeout;
         let mut guard = FreezeGuard {
             device,
@@ -352,9 +355,7 @@ impl FreezeGuard {
         let mut last = Duration::MAX;
         for _ in 0..SYNC_AGAIN {
             let t = Instant::now();
-            for m in &mounts {
-                sync_before_freeze(m, device);
-            }
+            sync_all(&mounts);
             let took = t.elapsed();
             if took < SYNC_SHORT || took >= last || Instant::now() >= guard.deadline {
                 break;
@@ -378,9 +379,7 @@ impl FreezeGuard {
             }
             // Writers went on while it started: once more, what they dirtied meanwhile.
             if t.elapsed() >= SYNC_SHORT && Instant::now() < guard.deadline {
-                for m in &mounts {
-                    sync_before_freeze(m, device);
-                }
+                sync_all(&mounts);
             }
         }
         guard.holding_since = Some(Instant::now());

@@ -259,11 +259,11 @@ impl Layer {
             .len();
         // A journal whose creation was interrupted restarts as a slotted one: its layer
         // holds nothing flushed, whatever the length of its data file.
-        let (log, replayed) =
-            MapLog::open_head(&map_path(dir, id), id, super::prepare::slotted_heads())?;
+        let mpath = map_path(dir, id);
+        let (log, replayed) = MapLog::open_head(&mpath, id, super::prepare::slotted_heads())?;
         // Before any length fix-up below: a map past the volume's end means the size in the
         // manifest is wrong, and cutting the file back to it would lose data.
-        check_within(&replayed.map, &map_path(dir, id), size, block_size)?;
+        check_within(&replayed.map, &mpath, size, block_size)?;
         if replayed.slots.is_some() {
             // A slotted head's file is as long as its slots: checked after the replay.
         } else if len < size {
@@ -333,8 +333,9 @@ impl Layer {
             .metadata()
             .map_err(|e| EngineError::io(&dpath, e))?
             .len();
-        let (mut map, slots) = MapLog::read_sealed(&map_path(dir, id), id)?;
-        check_within(&map, &map_path(dir, id), size, block_size)?;
+        let mpath = map_path(dir, id);
+        let (mut map, slots) = MapLog::read_sealed(&mpath, id)?;
+        check_within(&map, &mpath, size, block_size)?;
         if let Some(t) = &slots {
             check_slots(&map, t, &dpath, len, block_size)?;
         } else if len > size {

@@ -147,7 +147,7 @@ print("database-like writer: stall ms median %.2f max %.2f; mean ms: syncfs %.2f
          mean("cut_ms"), mean("prepare_ms"), mean("switch_ms"), mean("seal_ms"), ops, worst))
 bare_runs = [[float(x) for x in l.split()] for l in open("%s/bare-db" % work)]
 bare = sorted(r[0] for r in bare_runs)
-idle = sorted(float(l.split()[0]) for l in open("%s/bare-idle" % work))
+idle = [float(l.split()[0]) for l in open("%s/bare-idle" % work)]
 med = lambda rows, i: statistics.median(r[i] for r in rows)
 print("bare freeze (same syncs, FIFREEZE then FITHAW, no snapshot) ms: under the writer median %.2f "
       "max %.2f (FIFREEZE %.2f, FITHAW %.2f), idle median %.2f; snapshot's medians: FIFREEZE %.2f, "
