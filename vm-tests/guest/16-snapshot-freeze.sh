@@ -9,7 +9,8 @@
 # mounts without journal recovery, passes e2fsck, and holds the files checksummed before it.
 # Also prints the stall figures under a database-like writer (appends with fsync plus
 # dirty page cache), against the same run's bare freeze (the same syncs, FIFREEZE, FITHAW
-# at once, no snapshot: what any freeze-based snapshot pays) with and without the writer.
+# at once, no snapshot: what any freeze-based snapshot pays) with and without the writer,
+# and the writer's own longest call during each snapshot, each bare freeze and between.
 # timeout: 900
 set -euo pipefail
 . "$GUEST_LIB"
@@ -96,11 +97,11 @@ done
 info "10 snapshots under a database-like writer (appends with fsync, dirty page cache)"
 # A journal of 4 KiB appends each followed by fsync, and buffered random 4 KiB writes to
 # a table file that only the page cache holds. Prints the stall figures (median, max)
-# and the longest fsync the writer saw; fails only on clearly broken behaviour, never on
-# a figure.
-python3 - "$MNT" "$WORK/db-writer" <<'EOF' &
+# and the longest fsync the writer saw, and each snapshot's stall as the writer itself
+# measured it; fails only on clearly broken behaviour, never on a figure.
+python3 - "$MNT" "$WORK/db-writer" "$WORK/db-waits" <<'EOF' &
 import os, random, signal, sys, time
-mnt, out = sys.argv[1], sys.argv[2]
+mnt, out, waits_out = sys.argv[1], sys.argv[2], sys.argv[3]
 stop = False
 def on_term(*_):
     global stop
@@ -110,26 +111,43 @@ wal = os.open(os.path.join(mnt, "db-wal"), os.O_WRONLY | os.O_CREAT | os.O_APPEN
 table = os.open(os.path.join(mnt, "db-table"), os.O_RDWR | os.O_CREAT, 0o600)
 page = os.urandom(4096)
 n, worst = 0, 0.0
+# Every call that took over a millisecond, as (start, end) on the wall clock that the
+# shell's `date` reads: the windows of the snapshots are matched against them.
+waits = []
+def timed(call, *args):
+    t = time.time()
+    call(*args)
+    e = time.time()
+    if e - t > 0.001:
+        waits.append((t, e))
+    return e - t
 while not stop:
-    os.write(wal, page)
-    t = time.monotonic()
-    os.fsync(wal)
-    worst = max(worst, time.monotonic() - t)
+    timed(os.write, wal, page)
+    worst = max(worst, timed(os.fsync, wal))
     n += 1
     for _ in range(2):
-        os.pwrite(table, page, random.randrange(4096) * 4096)
+        timed(os.pwrite, table, page, random.randrange(4096) * 4096)
 with open(out, "w") as f:
     f.write("%d %.3f\n" % (n, worst * 1e3))
+with open(waits_out, "w") as f:
+    for t, e in waits:
+        f.write("%.6f %.6f\n" % (t, e))
 EOF
 DB_PID=$!
 sleep 1
 # Snapshots and bare freezes alternate, so that both meet the same writer and host.
 : >"$WORK/bare-db"
+# Each one's wall-clock window goes to windows, to find the writer's calls it held.
+: >"$WORK/windows"
 for n in $(seq 1 10); do
+    t0=$(date +%s.%N)
     "$SNAPBLK" snapshot create "db-$n" -V vol --socket "$SOCK" -o json >"$WORK/db-$n.json" ||
         fail "snapshot db-$n failed: $(cat "$WORK/db-$n.json")"
+    echo "snapshot $t0 $(date +%s.%N)" >>"$WORK/windows"
     sleep 0.2
+    t0=$(date +%s.%N)
     python3 "$WORK/bare-freeze.py" "$MNT" >>"$WORK/bare-db" || fail "a bare freeze under the writer failed"
+    echo "bare $t0 $(date +%s.%N)" >>"$WORK/windows"
     sleep 0.2
 done
 kill "$DB_PID"; wait "$DB_PID" || fail "the database-like writer failed"
@@ -156,6 +174,32 @@ print("bare freeze (same syncs, FIFREEZE then FITHAW, no snapshot) ms: under the
          statistics.median(idle), statistics.median(r["freeze_ms"] for r in runs),
          statistics.median(r["frozen_ms"] for r in runs),
          statistics.median(stall) / statistics.median(bare)))
+# What the application itself saw: for each snapshot (and each bare freeze), its longest
+# call (write, fsync or page-cache write) that overlapped the window of the command. It
+# counts from when the call really blocked, not from the start of FIFREEZE, and includes
+# the call's own time (an fsync takes a few ms on its own).
+waits = [tuple(map(float, l.split())) for l in open("%s/db-waits" % work)]
+def longest(kind):
+    out = []
+    for l in open("%s/windows" % work):
+        k, a, b = l.split()
+        if k == kind:
+            a, b = float(a), float(b)
+            out.append(max([(e - t) * 1e3 for t, e in waits if t < b and e > a] or [0.0]))
+    return sorted(out)
+seen, seen_bare = longest("snapshot"), longest("bare")
+# And between them (the 0.2 s pauses): the writer's longest call when nothing freezes.
+marks = sorted((float(a), float(b)) for _, a, b in (l.split() for l in open("%s/windows" % work)))
+took = sorted((float(b) - float(a)) * 1e3 for k, a, b in (l.split() for l in open("%s/windows" % work))
+              if k == "snapshot")
+quiet = sorted(max([(e - t) * 1e3 for t, e in waits if t >= b0 and e <= a1] or [0.0])
+               for (_, b0), (a1, _) in zip(marks, marks[1:]))
+print("the writer's longest call during each snapshot ms: median %.2f max %.2f; during each "
+      "bare freeze: median %.2f max %.2f; ratio of medians %.2f; in the pauses between them: "
+      "median %.2f" % (statistics.median(seen), seen[-1], statistics.median(seen_bare),
+                       seen_bare[-1], statistics.median(seen) / max(statistics.median(seen_bare), 0.001),
+                       statistics.median(quiet)))
+print("snapshot create, the whole command, ms: median %.2f max %.2f" % (statistics.median(took), took[-1]))
 if stall[-1] > 5000:
     sys.exit("a snapshot held the writers for over 5 s: %s" % stall)
 EOF
