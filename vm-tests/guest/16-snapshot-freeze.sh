@@ -179,21 +179,17 @@ print("bare freeze (same syncs, FIFREEZE then FITHAW, no snapshot) ms: under the
 # counts from when the call really blocked, not from the start of FIFREEZE, and includes
 # the call's own time (an fsync takes a few ms on its own).
 waits = [tuple(map(float, l.split())) for l in open("%s/db-waits" % work)]
-def longest(kind):
-    out = []
-    for l in open("%s/windows" % work):
-        k, a, b = l.split()
-        if k == kind:
-            a, b = float(a), float(b)
-            out.append(max([(e - t) * 1e3 for t, e in waits if t < b and e > a] or [0.0]))
-    return sorted(out)
-seen, seen_bare = longest("snapshot"), longest("bare")
+windows = [(k, float(a), float(b)) for k, a, b in (l.split() for l in open("%s/windows" % work))]
+def longest(a, b, within):
+    """The writer's longest call (ms) overlapping [a, b], or only those inside it."""
+    return max([(e - t) * 1e3 for t, e in waits
+                if (a <= t and e <= b if within else t < b and e > a)] or [0.0])
+seen = sorted(longest(a, b, False) for k, a, b in windows if k == "snapshot")
+seen_bare = sorted(longest(a, b, False) for k, a, b in windows if k == "bare")
+took = sorted((b - a) * 1e3 for k, a, b in windows if k == "snapshot")
 # And between them (the 0.2 s pauses): the writer's longest call when nothing freezes.
-marks = sorted((float(a), float(b)) for _, a, b in (l.split() for l in open("%s/windows" % work)))
-took = sorted((float(b) - float(a)) * 1e3 for k, a, b in (l.split() for l in open("%s/windows" % work))
-              if k == "snapshot")
-quiet = sorted(max([(e - t) * 1e3 for t, e in waits if t >= b0 and e <= a1] or [0.0])
-               for (_, b0), (a1, _) in zip(marks, marks[1:]))
+marks = sorted((a, b) for _, a, b in windows)
+quiet = sorted(longest(b0, a1, True) for (_, b0), (a1, _) in zip(marks, marks[1:]))
 print("the writer's longest call during each snapshot ms: median %.2f max %.2f; during each "
       "bare freeze: median %.2f max %.2f; ratio of medians %.2f; in the pauses between them: "
       "median %.2f" % (statistics.median(seen), seen[-1], statistics.median(seen_bare),
