@@ -15,7 +15,7 @@
 set -euo pipefail
 . "$GUEST_LIB"
 
-need_cmd mkfs.ext4 e2fsck fsfreeze sha256sum python3
+need_cmd mkfs.ext4 e2fsck fsfreeze sha256sum python3 jq
 load_ublk
 modprobe_mod ext4 || fail "cannot load ext4"
 
@@ -30,7 +30,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 "$SNAPBLK" volume create "$WORK/vol" --size 256M
 start_serve "$WORK/vol" serve-1 --socket "$SOCK"
@@ -43,19 +42,18 @@ sync
 
 info "snapshot without load"
 "$SNAPBLK" snapshot create s0 -V vol --socket "$SOCK" -o json >"$WORK/s0.json"
-[ "$(json "d['created']" <"$WORK/s0.json")" = True ] || fail "s0 not created: $(cat "$WORK/s0.json")"
-json "d['consistency']" <"$WORK/s0.json" | grep -q '^application-consistent' || fail "s0 not frozen: $(cat "$WORK/s0.json")"
-json "d['frozen_mounts'][0]" <"$WORK/s0.json" | grep -qx "$MNT" || fail "s0 froze the wrong mount"
-"$SNAPBLK" snapshot create s0 -V vol --socket "$SOCK" -o json | json "d['created']" | grep -qx False || fail "same name twice is not idempotent"
+[ "$(json '.created' <"$WORK/s0.json")" = true ] || fail "s0 not created: $(cat "$WORK/s0.json")"
+json '.consistency' <"$WORK/s0.json" | grep -q '^application-consistent' || fail "s0 not frozen: $(cat "$WORK/s0.json")"
+json '.frozen_mounts[0]' <"$WORK/s0.json" | grep -qx "$MNT" || fail "s0 froze the wrong mount"
+"$SNAPBLK" snapshot create s0 -V vol --socket "$SOCK" -o json | json '.created' | grep -qx false || fail "same name twice is not idempotent"
 
 info "20 snapshots under a continuous writer"
-( i=0; while :; do i=$((i + 1)); head -c 64K /dev/urandom >"$MNT/load-$((i % 200))"; done ) &
-WRITER_PID=$!
+start_writer "$MNT" 200 20
 : >"$WORK/frozen_ms"
 for n in $(seq 1 20); do
     "$SNAPBLK" snapshot create "load-$n" -V vol --socket "$SOCK" -o json >"$WORK/load.json" ||
         fail "snapshot load-$n failed: $(cat "$WORK/load.json")"
-    json "'%.3f %.3f %.3f %.3f' % (d['frozen_ms'], d['cut_ms'], d['stall_ms'], d['sync_ms'])" <"$WORK/load.json" >>"$WORK/frozen_ms"
+    json '"\(.frozen_ms) \(.cut_ms) \(.stall_ms) \(.sync_ms)"' <"$WORK/load.json" >>"$WORK/frozen_ms"
     touch "$MNT/writable-$n" || fail "file system not writable after snapshot load-$n"
 done
 kill "$WRITER_PID"; wait "$WRITER_PID" 2>/dev/null || true; WRITER_PID=""
@@ -222,7 +220,7 @@ FREEZER=$!
 exec 9>"$WORK/hold"
 for _ in $(seq 100); do grep -q '^frozen' "$WORK/freeze.err" && break; sleep 0.1; done
 grep -q '^frozen' "$WORK/freeze.err" || fail "freeze did not happen: $(cat "$WORK/freeze.err")"
-"$SNAPBLK" status -V vol --socket "$SOCK" -o json | json "d['frozen'][0]" | grep -qx "$MNT" || fail "status does not show the freeze"
+"$SNAPBLK" status -V vol --socket "$SOCK" -o json | json '.frozen[0]' | grep -qx "$MNT" || fail "status does not show the freeze"
 kill -9 "$SERVE_PID"
 start=$(date +%s%N)
 wait "$SERVE_PID" 2>/dev/null || true
@@ -233,7 +231,7 @@ info "file system writable ${thaw_ms} ms after kill -9 (daemon restarted with --
 [ "$thaw_ms" -le 21000 ] || fail "thawed after ${thaw_ms} ms, past the deadline plus a second"
 exec 9>&-
 wait "$FREEZER" 2>/dev/null || true
-"$SNAPBLK" snapshot list -V vol --socket "$SOCK" -o json | json "len(d)" | grep -qx 32 || fail "restarted daemon lists $("$SNAPBLK" snapshot list -V vol --socket "$SOCK")"
+"$SNAPBLK" snapshot list -V vol --socket "$SOCK" -o json | json 'length' | grep -qx 32 || fail "restarted daemon lists $("$SNAPBLK" snapshot list -V vol --socket "$SOCK")"
 echo "$thaw_ms" >"$RESULTS/thaw-after-kill-ms.txt"
 
 info "the first snapshot, cloned, is a clean file system with the files"

@@ -19,7 +19,7 @@
 set -euo pipefail
 . "$GUEST_LIB"
 
-need_cmd mkfs.ext4 mkfs.xfs e2fsck xfs_repair blockdev sha256sum python3
+need_cmd mkfs.ext4 mkfs.xfs e2fsck xfs_repair blockdev sha256sum python3 jq
 load_ublk
 modprobe_mod ext4 || fail "cannot load ext4"
 modprobe_mod xfs || fail "cannot load xfs"
@@ -33,7 +33,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 # xfs_check_clean DEV OUT: xfs_repair -n finds nothing on DEV but what a frozen XFS
 # leaves for log replay (the dirty-log alert, the lazy superblock counters).
@@ -61,8 +60,7 @@ for fs in ${SNAP_TEST_FS:-ext4 xfs}; do
     mount -t "$fs" "$DEV" "$mnt"
 
     info "$fs: $SNAPS snapshots under a continuous writer"
-    ( i=0; while :; do i=$((i + 1)); head -c 64K /dev/urandom >"$mnt/load-$((i % 200))"; done ) &
-    WRITER_PID=$!
+    start_writer "$mnt" 200 20
     : >"$WORK/sums"
     : >"$RESULTS/frozen-$fs.txt"
     for n in $(seq 1 "$SNAPS"); do
@@ -71,25 +69,25 @@ for fs in ${SNAP_TEST_FS:-ext4 xfs}; do
         cp "$WORK/sums" "$WORK/sums-$n"
         "$SNAPBLK" snapshot create "s$n" -V "$vol" --socket "$sock" -o json >"$WORK/create.json" ||
             fail "snapshot s$n failed: $(cat "$WORK/create.json")"
-        json "d['consistency']" <"$WORK/create.json" | grep -q '^application-consistent' ||
+        json '.consistency' <"$WORK/create.json" | grep -q '^application-consistent' ||
             fail "s$n was not frozen: $(cat "$WORK/create.json")"
-        json "'%.3f %.3f' % (d['frozen_ms'], d['cut_ms'])" <"$WORK/create.json" >>"$RESULTS/frozen-$fs.txt"
+        json '"\(.frozen_ms) \(.cut_ms)"' <"$WORK/create.json" >>"$RESULTS/frozen-$fs.txt"
     done
     sort -n "$RESULTS/frozen-$fs.txt" | awk -v fs="$fs" '{f[NR]=$1; c[NR]=$2} END {printf "%s: frozen ms: median %.2f max %.2f; cut ms: median %.2f\n", fs, f[int((NR+1)/2)], f[NR], c[int((NR+1)/2)]}' |
         tee -a "$RESULTS/freeze-figures.txt"
 
     info "$fs: exposure rules"
     out=$("$SNAPBLK" snapshot expose s1 -V "$vol" --socket "$sock" -o json)
-    sdev=$(echo "$out" | json "d['device']")
+    sdev=$(echo "$out" | json '.device')
     [ "$sdev" != "$DEV" ] || fail "the snapshot got the volume's own device"
     wait_for_file "$sdev" 10 || fail "$sdev did not appear"
     [ "$(blockdev --getro "$sdev")" = 1 ] || fail "$sdev is not read-only"
     if dd if=/dev/zero of="$sdev" bs=4k count=1 oflag=direct 2>/dev/null; then
         fail "a write to the read-only snapshot device succeeded"
     fi
-    again=$("$SNAPBLK" snapshot expose s1 -V "$vol" --socket "$sock" -o json | json "d['device']")
+    again=$("$SNAPBLK" snapshot expose s1 -V "$vol" --socket "$sock" -o json | json '.device')
     [ "$again" = "$sdev" ] || fail "exposing twice gave $again, then $sdev"
-    "$SNAPBLK" status -V "$vol" --socket "$sock" -o json | json "d['exposed']['s1']" | grep -qx "$sdev" ||
+    "$SNAPBLK" status -V "$vol" --socket "$sock" -o json | json '.exposed.s1' | grep -qx "$sdev" ||
         fail "status does not list the exposed snapshot"
     out=$("$SNAPBLK" snapshot delete s1 -V "$vol" --socket "$sock" 2>&1) && fail "an exposed snapshot was deleted"
     echo "$out" | grep -q "is exposed as $sdev; unexpose it first" || fail "unclear refusal: $out"
@@ -101,7 +99,7 @@ for fs in ${SNAP_TEST_FS:-ext4 xfs}; do
 
     info "$fs: every snapshot, exposed, mounts read-only, holds its files and checks clean"
     for n in $(seq 1 "$SNAPS"); do
-        sdev=$("$SNAPBLK" snapshot expose "s$n" -V "$vol" --socket "$sock" -o json | json "d['device']")
+        sdev=$("$SNAPBLK" snapshot expose "s$n" -V "$vol" --socket "$sock" -o json | json '.device')
         wait_for_file "$sdev" 10 || fail "$sdev did not appear for s$n"
         case "$fs" in
             ext4) mount -t ext4 -o ro "$sdev" "$smnt" 2>"$WORK/mount.err" ;;
@@ -120,7 +118,7 @@ for fs in ${SNAP_TEST_FS:-ext4 xfs}; do
     info "$fs: all $SNAPS snapshots verified"
 
     info "$fs: stopping the daemon removes a snapshot still exposed"
-    sdev=$("$SNAPBLK" snapshot expose "s$SNAPS" -V "$vol" --socket "$sock" -o json | json "d['device']")
+    sdev=$("$SNAPBLK" snapshot expose "s$SNAPS" -V "$vol" --socket "$sock" -o json | json '.device')
     wait_for_file "$sdev" 10 || fail "$sdev did not appear"
     sync
     umount "$mnt"

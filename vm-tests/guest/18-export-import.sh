@@ -8,7 +8,7 @@
 set -euo pipefail
 . "$GUEST_LIB"
 
-need_cmd mkfs.ext4 fstrim cmp blockdev python3
+need_cmd mkfs.ext4 fstrim cmp blockdev python3 jq
 load_ublk
 modprobe_mod ext4 || fail "cannot load ext4"
 
@@ -22,8 +22,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
-expose() { "$SNAPBLK" snapshot expose "$2" -V "$1" --socket "$3" -o json | json "d['device']"; }
+expose() { "$SNAPBLK" snapshot expose "$2" -V "$1" --socket "$3" -o json | json '.device'; }
 
 "$SNAPBLK" volume create "$WORK/vol" --size 256M
 start_serve "$WORK/vol" serve-src --socket "$SOCK"
@@ -31,8 +30,7 @@ SRC_PID=$SERVE_PID SRC_DEV=$DEV
 mkfs.ext4 -q -F "$SRC_DEV"
 mkdir -p "$MNT"
 mount "$SRC_DEV" "$MNT"
-( i=0; while :; do i=$((i + 1)); head -c 64K /dev/urandom >"$MNT/load-$((i % 100))"; done ) &
-WRITER_PID=$!
+start_writer "$MNT" 100 20
 
 info "three snapshots, with data written, overwritten and trimmed between them"
 mkdir -p "$MNT/a" "$MNT/b"

@@ -11,7 +11,7 @@
 set -euo pipefail
 . "$GUEST_LIB"
 
-need_cmd mkfs.ext4 resize2fs e2fsck blockdev df sha256sum python3
+need_cmd mkfs.ext4 resize2fs e2fsck blockdev df sha256sum jq
 load_ublk
 modprobe_mod ext4 || fail "cannot load ext4"
 
@@ -23,8 +23,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
-volume_size() { "$SNAPBLK" status -V vol --socket "$SOCK" -o json | json "d['volume']['size']"; }
+volume_size() { "$SNAPBLK" status -V vol --socket "$SOCK" -o json | json '.volume.size'; }
 device_size() { blockdev --getsize64 "$DEV"; }
 fs_size() { df -B1 --output=size "$MNT" | tail -n 1 | tr -d ' '; }
 check_file() { (cd "$MNT" && sha256sum -c --quiet "$WORK/sums") || fail "$1: the file changed"; }
@@ -63,7 +62,7 @@ if [ "$online" = 1 ]; then
     head -c 160M /dev/urandom >"$MNT/fill" || fail "cannot fill the new space"
     sync
     check_file "after filling"
-    "$SNAPBLK" snapshot show before -V vol --socket "$SOCK" -o json | json "d['size']" |
+    "$SNAPBLK" snapshot show before -V vol --socket "$SOCK" -o json | json '.size' |
         grep -qx $((128 * MIB)) || fail "the snapshot taken before the grow changed size"
     "$SNAPBLK" volume resize vol --socket "$SOCK" --size 384M >/dev/null || fail "the same size again failed"
     out=$("$SNAPBLK" volume resize vol --socket "$SOCK" --size 256M 2>&1) && fail "a shrink was accepted"
@@ -101,7 +100,7 @@ umount "$MNT"
 stop_serve
 
 info "the clone has the snapshot's size and content"
-"$SNAPBLK" volume status "$WORK/clone" -o json | json "d['size']" | grep -qx $((128 * MIB)) ||
+"$SNAPBLK" volume status "$WORK/clone" -o json | json '.size' | grep -qx $((128 * MIB)) ||
     fail "the clone is not 128 MiB"
 start_serve "$WORK/clone" serve-clone --socket "$WORK/clone.sock"
 [ "$(device_size)" = $((128 * MIB)) ] || fail "the clone's device is $(device_size) bytes"

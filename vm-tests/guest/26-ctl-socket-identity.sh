@@ -10,7 +10,7 @@
 set -euo pipefail
 . "$GUEST_LIB"
 
-need_cmd sha256sum setpriv python3
+need_cmd sha256sum setpriv jq
 load_ublk
 
 PIDS=""
@@ -23,7 +23,6 @@ trap cleanup EXIT
 devices() {
     ls /sys/class/ublk-char 2>/dev/null | sort | tr '\n' ' '
 }
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 # default_sock DIR: the default socket of the volume in DIR, as documented.
 default_sock() {
     printf '/run/snapblk/%s.sock' "$(printf '%s' "$(readlink -f "$1")" | sha256sum | cut -c1-32)"
@@ -46,9 +45,9 @@ for v in a b; do
     dev=$DEV_A
     [ "$v" = b ] && dev=$DEV_B
     "$SNAPBLK" status -V "$WORK/$v/vol1" -o json >"$WORK/st-$v.json" || fail "status of $v/vol1 failed"
-    [ "$(json "d['device']['path']" <"$WORK/st-$v.json")" = "$dev" ] ||
+    [ "$(json '.device.path' <"$WORK/st-$v.json")" = "$dev" ] ||
         fail "-V $WORK/$v/vol1 reached the daemon of another device: $(cat "$WORK/st-$v.json")"
-    [ "$(json "d['dir']" <"$WORK/st-$v.json")" = "$(readlink -f "$WORK/$v/vol1")" ] ||
+    [ "$(json '.dir' <"$WORK/st-$v.json")" = "$(readlink -f "$WORK/$v/vol1")" ] ||
         fail "status of $v/vol1 names another folder: $(cat "$WORK/st-$v.json")"
 done
 
@@ -94,7 +93,7 @@ PIDS="$PIDS $PID_E"
 [ -S "$(default_sock "$WORK/e")" ] || fail "no socket for $WORK/e under /run/snapblk: $(ls /run/snapblk)"
 [ -z "$(find "$WORK" -name '*.sock')" ] || fail "a socket was bound outside /run/snapblk: $(find "$WORK" -name '*.sock')"
 "$SNAPBLK" status -V "$WORK/e" -o json >"$WORK/st-e.json" || fail "status of e failed"
-[ "$(json "d['device']['path']" <"$WORK/st-e.json")" = "$DEV" ] || fail "status of e: $(cat "$WORK/st-e.json")"
+[ "$(json '.device.path' <"$WORK/st-e.json")" = "$DEV" ] || fail "status of e: $(cat "$WORK/st-e.json")"
 
 info "--allow-uid and --allow-gid"
 cp "$SNAPBLK" /tmp/snapblk-client
@@ -111,7 +110,7 @@ PIDS="$PIDS $SERVE_PID"
 U_PID=$SERVE_PID
 as 1000 1000 /tmp/snapblk-client status -V u --socket /run/snapblk-u/ctl.sock -o json >"$WORK/u.json" 2>"$WORK/u.err" ||
     fail "allowed uid 1000 was refused: $(cat "$WORK/u.err")"
-[ "$(json "d['volume']['name']" <"$WORK/u.json")" = u ] || fail "uid 1000 got: $(cat "$WORK/u.json")"
+[ "$(json '.volume.name' <"$WORK/u.json")" = u ] || fail "uid 1000 got: $(cat "$WORK/u.json")"
 as 1000 1000 /tmp/snapblk-client snapshot create by-1000 -V u --socket /run/snapblk-u/ctl.sock --freeze none >/dev/null 2>"$WORK/u.err" ||
     fail "allowed uid 1000 could not take a snapshot: $(cat "$WORK/u.err")"
 if out=$(as 1001 1001 /tmp/snapblk-client status -V u --socket /run/snapblk-u/ctl.sock 2>&1); then

@@ -11,7 +11,7 @@
 set -euo pipefail
 . "$GUEST_LIB"
 
-need_cmd mkfs.ext4 fsfreeze unshare nsenter python3
+need_cmd mkfs.ext4 fsfreeze unshare nsenter jq
 load_ublk
 modprobe_mod ext4 || fail "cannot load ext4"
 
@@ -28,7 +28,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 mkdir -p "$MNT"
 "$SNAPBLK" volume create "$WORK/vol" --size 128M
 
@@ -41,9 +40,9 @@ wait_for_file "$WORK/ready" 30 || fail "the mount in the other namespace did not
 ! grep -q " $MNT " /proc/self/mountinfo || fail "the mount leaked into the initial namespace"
 "$SNAPBLK" snapshot create s1 -V vol --socket "$SOCK" -o json >"$WORK/s1.json" ||
     fail "snapshot failed: $(cat "$WORK/s1.json")"
-json "d['consistency']" <"$WORK/s1.json" | grep -q '^application-consistent' ||
+json '.consistency' <"$WORK/s1.json" | grep -q '^application-consistent' ||
     fail "not frozen across namespaces: $(cat "$WORK/s1.json")"
-json "d['frozen_mounts'][0]" <"$WORK/s1.json" | grep -qx "/proc/$HOLDER/root$MNT" ||
+json '.frozen_mounts[0]' <"$WORK/s1.json" | grep -qx "/proc/$HOLDER/root$MNT" ||
     fail "froze an unexpected path: $(cat "$WORK/s1.json")"
 # A held freeze really freezes the file system the other namespace sees.
 mkfifo "$WORK/hold"
@@ -75,9 +74,9 @@ mkfs.ext4 -q -F "$DEV"
 mount -t ext4 "$DEV" "$MNT"
 "$SNAPBLK" snapshot create s2 -V vol2 --socket "$WORK/vol2.sock" -o json >"$WORK/s2.json" ||
     fail "snapshot failed: $(cat "$WORK/s2.json")"
-json "d['consistency']" <"$WORK/s2.json" | grep -q '^application-consistent' ||
+json '.consistency' <"$WORK/s2.json" | grep -q '^application-consistent' ||
     fail "not frozen from the daemon's own namespace: $(cat "$WORK/s2.json")"
-json "d['frozen_mounts'][0]" <"$WORK/s2.json" | grep -q "^/proc/1/root/.*$MNT\$" ||
+json '.frozen_mounts[0]' <"$WORK/s2.json" | grep -q "^/proc/1/root/.*$MNT\$" ||
     fail "not frozen through PID 1's root: $(cat "$WORK/s2.json")"
 umount "$MNT"
 stop_serve
@@ -99,7 +98,7 @@ done
 info "refused: $out"
 "$SNAPBLK" snapshot create s3 -V vol --socket "$SOCK" --freeze none -o json >"$WORK/s3.json" ||
     fail "--freeze none was refused: $(cat "$WORK/s3.json")"
-json "d['consistency']" <"$WORK/s3.json" | grep -q "crash-consistent (freeze none)" ||
+json '.consistency' <"$WORK/s3.json" | grep -q "crash-consistent (freeze none)" ||
     fail "unexpected: $(cat "$WORK/s3.json")"
 # Dropping the namespace's last reference unmounts the file system.
 umount "$NSDIR/mnt"

@@ -21,7 +21,7 @@
 set -euo pipefail
 . "$GUEST_LIB"
 
-need_cmd fio mkfs.ext4 e2fsck md5sum python3 dd
+need_cmd fio mkfs.ext4 e2fsck md5sum python3 dd jq
 load_ublk
 modprobe_mod ext4 || fail "cannot load ext4"
 
@@ -74,7 +74,6 @@ trap cleanup EXIT
 RANDOM="$SEED"
 # rnd N: R = a random number in [0, N).
 rnd() { R=$(((RANDOM * 32768 + RANDOM) % $1)); }
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 now() { date +%s; }
 num() { printf '%s\n' "${1#s}"; }
 
@@ -163,7 +162,7 @@ pick_snap() { rnd "${#SNAPS[@]}"; PICK="${SNAPS[$R]}"; }
 expose_md5() {
     local dev
     run_op "expose $3 of $1" "$SNAPBLK" snapshot expose "$3" -V "$1" --socket "$2" -o json
-    dev="$(json "d['device']" <"$OP_OUT")"
+    dev="$(json '.device' <"$OP_OUT")"
     wait_for_file "$dev" 10 || fail "$dev did not appear"
     MD5="$(md5sum <"$dev" | cut -d' ' -f1)"
     run_op "unexpose $3 of $1" "$SNAPBLK" snapshot unexpose "$3" -V "$1" --socket "$2"
@@ -181,7 +180,7 @@ op_expose() {
     local dev blocks i
     pick_snap
     run_op "expose $PICK" "$SNAPBLK" snapshot expose "$PICK" -V "$VOL" --socket "$SOCK" -o json
-    dev="$(json "d['device']" <"$OP_OUT")"
+    dev="$(json '.device' <"$OP_OUT")"
     wait_for_file "$dev" 10 || fail "$dev did not appear"
     blocks=$((128 * 256))
     for i in 1 2 3 4 5 6 7 8; do
@@ -286,12 +285,12 @@ settle() {
     OPS[settle]=$((OPS[settle] + 1))
     while :; do
         run_op status "$SNAPBLK" status -V "$VOL" --socket "$SOCK" -o json
-        pending="$(json "d['volume']['pending_merges']" <"$OP_OUT")"
+        pending="$(json '.volume.pending_merges' <"$OP_OUT")"
         [ "$pending" = 0 ] && break
         [ "$(now)" -lt "$deadline" ] || fail "$pending merges still pending 120s after the deletes"
         sleep 1
     done
-    LAYERS="$(json "d['volume']['layers']" <"$OP_OUT")"
+    LAYERS="$(json '.volume.layers' <"$OP_OUT")"
     # Where the kernel offers no zero copy, the daemon has a buffer per request slot
     # (queues x depth x the largest request), whose pages become resident as the slots
     # are first used: one 128 MiB pool, not a leak. A burst of large reads that fills

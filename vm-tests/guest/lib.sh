@@ -55,6 +55,32 @@ load_ublk() {
     wait_for_file /dev/ublk-control 10 || fail "/dev/ublk-control did not appear"
 }
 
+# json FILTER: the value FILTER (jq syntax) picks from the JSON on stdin, strings
+# unquoted. jq, not python: under emulation python3 takes most of a second to start.
+json() {
+    jq -r "$1"
+}
+
+# start_writer DIR FILES RATE: one process that keeps rewriting DIR/load-0 ..
+# DIR/load-(FILES-1) with 64 KiB of random data each, RATE files a second, until
+# killed (its pid in WRITER_PID); it stops on its own at the first failed write. The
+# background load of the snapshot tests: one process, not a fork per file, which
+# costs about 100 ms of emulated CPU each and starved the rest of the test.
+start_writer() {
+    python3 - "$@" <<'PY' &
+import os, sys, time
+folder, files, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+i, due = 0, time.monotonic()
+while True:
+    with open(os.path.join(folder, "load-%d" % (i % files)), "wb") as f:
+        f.write(os.urandom(65536))
+    i += 1
+    due += 1 / rate
+    time.sleep(max(0.0, due - time.monotonic()))
+PY
+    WRITER_PID=$!
+}
+
 # Daemon helpers shared by the snapblk tests.
 
 # start_serve VOLDIR NAME [ARGS...]: starts the daemon, waits for its ready line;
