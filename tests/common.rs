@@ -94,3 +94,21 @@ pub fn version_of(bytes: &[u8]) -> Option<u64> {
 pub fn versions(buf: &[u8], bs: usize) -> Vec<Option<u64>> {
     buf.chunks(bs).map(version_of).collect()
 }
+
+/// Opens a volume this process has just closed. A child another test thread forks (mount,
+/// the CLI) holds a copy of every descriptor until it execs, the volume's locked one
+/// included, so the lock can outlive the handle by that long: retries on `Busy` for up to
+/// 5 s; any other result is returned as it is.
+pub fn open_after_close(dir: &Path) -> snapblk::engine::Result<snapblk::engine::Volume> {
+    let t = std::time::Instant::now();
+    loop {
+        match snapblk::engine::Volume::open(dir) {
+            Err(snapblk::engine::EngineError::Busy { .. })
+                if t.elapsed() < std::time::Duration::from_secs(5) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            r => return r,
+        }
+    }
+}

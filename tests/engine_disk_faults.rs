@@ -9,12 +9,11 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use snapblk::engine::faults;
-use snapblk::engine::{CreateOptions, EngineError, Volume};
+use snapblk::engine::{CreateOptions, Volume};
 
-use common::{block_data, scratch};
+use common::{block_data, open_after_close, scratch};
 
 const BS: usize = 4096;
 
@@ -27,23 +26,6 @@ fn create(dir: &Path, size: u64) -> Volume {
         },
     )
     .expect("create")
-}
-
-/// Opens the volume in `dir` again once its last handle is dropped. The mount test of this
-/// file runs `mount` and `umount` meanwhile, and a child between its fork and its exec
-/// holds a copy of every descriptor of the process, the volume's locked one included: the
-/// lock can outlive the handle by that long. Waits for that, at most 5 s; any other error
-/// fails the test.
-fn reopen(dir: &Path) -> Volume {
-    let t = Instant::now();
-    loop {
-        match Volume::open(dir) {
-            Err(EngineError::Busy { .. }) if t.elapsed() < Duration::from_secs(5) => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            r => return r.expect("reopen"),
-        }
-    }
 }
 
 fn read(v: &Volume, offset: u64, len: usize) -> Vec<u8> {
@@ -95,7 +77,7 @@ fn a_refused_write_is_not_acknowledged_and_leaves_no_trace() {
     v.flush()
         .expect("nothing failed to reach the disk: a flush works");
     drop(v);
-    let v = reopen(&dir);
+    let v = open_after_close(&dir).expect("reopen");
     assert_eq!(read(&v, 0, 2 * BS), block_data(1, 2 * BS));
     assert_eq!(read(&v, 16 * BS as u64, 4 * BS), vec![0u8; 4 * BS]);
     assert_eq!(read(&v, 32 * BS as u64, 4 * BS), vec![0u8; 4 * BS]);
@@ -129,7 +111,7 @@ fn a_journal_append_refused_for_space_fails_that_flush_only() {
     for name in layer_files(&dir).iter().filter(|n| n.ends_with(".vlog")) {
         fs::remove_file(dir.join("layers").join(name)).expect("remove journal");
     }
-    let v = reopen(&dir);
+    let v = open_after_close(&dir).expect("reopen");
     assert_eq!(read(&v, 0, BS), block_data(1, BS));
     assert_eq!(read(&v, BS as u64, BS), block_data(2, BS));
 }
@@ -164,7 +146,7 @@ fn a_failed_sync_is_never_followed_by_a_flush_reported_done() {
         assert!(v.list_snapshots().is_empty());
         drop(v);
         // Reopened from what is on disk: what a successful flush covered is there.
-        let v = reopen(&dir);
+        let v = open_after_close(&dir).expect("reopen");
         assert_eq!(read(&v, 0, BS), block_data(1, BS));
         v.flush().expect("a reopened volume flushes");
     }
@@ -215,7 +197,7 @@ fn metadata_changes_refused_for_space_leave_the_volume_as_it_was() {
     v.delete_snapshot("a").expect("delete a");
     v.resize(2 << 20).expect("grow");
     drop(v);
-    let v = reopen(&dir);
+    let v = open_after_close(&dir).expect("reopen");
     let names: Vec<String> = v.list_snapshots().into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["b"]);
     assert_eq!(read(&v, 0, BS), block_data(2, BS));
@@ -310,7 +292,7 @@ fn a_real_full_file_system_refuses_writes_keeps_acknowledged_ones_and_recovers()
         v.create_snapshot("full").expect("snapshot with space back");
     }
     v.close().expect("close");
-    let v = reopen(&dir);
+    let v = open_after_close(&dir).expect("reopen");
     for &i in &acked {
         assert_eq!(
             read(&v, i * chunk as u64, chunk),

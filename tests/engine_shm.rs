@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use snapblk::engine::{CreateOptions, Volume};
 
-use common::{block_data, journals_in, scratch_with_shm_journals, versions};
+use common::{block_data, journals_in, open_after_close, scratch_with_shm_journals, versions};
 
 const BS: usize = 4096;
 const BLOCKS: usize = 16;
@@ -86,7 +86,7 @@ fn recover(dir: &Path) -> Result<Vec<Option<u64>>, String> {
     let d = dir.to_path_buf();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let r = Volume::open(&d)
+        let r = open_after_close(&d)
             .map(|v| read_all(&v))
             .map_err(|e| e.to_string());
         let _ = tx.send(r);
@@ -327,7 +327,7 @@ fn a_full_shared_memory_gives_errors_not_sigbus() {
             .collect();
         assert_eq!(got, want);
         // No room for a new head's journal: the cut fails with ENOSPC, the volume goes on.
-        let v = Volume::open(&dir).expect("open");
+        let v = open_after_close(&dir).expect("open");
         let e = v.create_snapshot("s").expect_err("no room for a journal");
         assert_eq!(e.errno(), libc::ENOSPC, "{e}");
         assert!(v.list_snapshots().is_empty());

@@ -16,7 +16,7 @@ use snapblk::stream::{
     StreamReader,
 };
 
-use common::{block_data, scratch};
+use common::{block_data, open_after_close, scratch};
 
 const MIB: u64 = 1 << 20;
 
@@ -146,7 +146,7 @@ fn full_and_incrementals_rebuild_every_snapshot_byte_for_byte() {
             (full.len() + inc2.len() + inc3.len()) as u64
         );
 
-        let dst = Volume::open(&target).expect("open the import");
+        let dst = open_after_close(&target).expect("open the import");
         assert_ne!(dst.id(), src.id(), "an import is a new volume");
         assert_eq!(dst.block_size(), bs);
         let names: Vec<String> = dst.list_snapshots().into_iter().map(|s| s.name).collect();
@@ -197,7 +197,7 @@ fn an_incremental_after_discards_hides_the_discarded_data() {
 
     let target = root.path().join("copy");
     import(&target, &[("full", &full), ("inc", &inc)]).expect("import");
-    let dst = Volume::open(&target).expect("open");
+    let dst = open_after_close(&target).expect("open");
     let mut buf = vec![0u8; 4096];
     for block in [8u64, 15, 32, 35] {
         dst.read_snapshot("after", block * 4096, &mut buf)
@@ -572,7 +572,7 @@ fn export_reads_a_consistent_snapshot_while_the_volume_is_written() {
     );
     let target = root.path().join("copy");
     import(&target, &[("s1", &stream)]).expect("import");
-    let dst = Volume::open(&target).expect("open");
+    let dst = open_after_close(&target).expect("open");
     assert_same_snapshot(&v, &dst, "s1");
 }
 
@@ -660,7 +660,7 @@ fn cli_exports_to_a_file_and_stdout_and_imports_from_stdin() {
     );
 
     let src = Volume::open(&dir).expect("open source");
-    let dst = Volume::open(&target).expect("open import");
+    let dst = open_after_close(&target).expect("open import");
     assert_same_snapshot(&src, &dst, "s1");
     assert_same_snapshot(&src, &dst, "s2");
     drop((src, dst));
@@ -710,7 +710,7 @@ fn a_chain_across_a_grow_imports_each_snapshot_at_its_size() {
     let inc = export(&src, "big", Some("small"));
     let target = root.path().join("copy");
     import(&target, &[("full", &full), ("inc", &inc)]).expect("import");
-    let dst = Volume::open(&target).expect("open");
+    let dst = open_after_close(&target).expect("open");
     assert_eq!(dst.size(), 3 * MIB);
     for (snap, size) in [("small", 2 * MIB), ("big", 3 * MIB)] {
         assert_eq!(dst.snapshot_info(snap).expect("info").size, size);
