@@ -17,9 +17,21 @@ fail() {
     exit 1
 }
 
-# info MESSAGE: a progress line in the test's output.
+# _uptime_cs: sets _u to the guest's uptime in hundredths of a second (no fork: under
+# emulation a subshell costs tens of milliseconds).
+_uptime_cs() {
+    read -r _u _ </proc/uptime
+    _u="${_u%.*}${_u#*.}"
+}
+_uptime_cs
+_test_start="$_u"
+
+# info MESSAGE: a progress line in the test's output, with the seconds since the test
+# sourced this file (where a slow test spends its time).
 info() {
-    echo "--- $*"
+    _uptime_cs
+    _e=$((_u - _test_start))
+    printf -- '--- [%d.%02ds] %s\n' $((_e / 100)) $((_e % 100)) "$*"
 }
 
 # need_cmd CMD...: fail unless every CMD is in PATH.
