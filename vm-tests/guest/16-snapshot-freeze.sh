@@ -30,7 +30,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-
 "$SNAPBLK" volume create "$WORK/vol" --size 256M
 start_serve "$WORK/vol" serve-1 --socket "$SOCK"
 mkfs.ext4 -q -F "$DEV"

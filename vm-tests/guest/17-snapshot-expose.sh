@@ -33,7 +33,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-
 # xfs_check_clean DEV OUT: xfs_repair -n finds nothing on DEV but what a frozen XFS
 # leaves for log replay (the dirty-log alert, the lazy superblock counters).
 xfs_check_clean() {
