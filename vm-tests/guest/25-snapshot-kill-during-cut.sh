@@ -111,18 +111,19 @@ info "fio completed and verified every block across $rounds kills during cuts ($
 [ "$in_cut" -gt 0 ] || fail "no kill landed before a cut answered: the test did not test anything"
 
 "$SNAPBLK" snapshot list -V vol --socket "$SOCK" -o json >"$RESULTS/snapshots.json"
-count="$(jq 'if type == "object" then .snapshots else . end | length' "$RESULTS/snapshots.json")"
+names="$(jq -r '.[].name' "$RESULTS/snapshots.json")"
+count="$(echo "$names" | grep -c . || true)"
+last="$(echo "$names" | tail -n 1)"
 [ "$count" -ge $((2 * rounds)) ] || fail "only $count snapshots listed, the $((2 * rounds)) finished ones at least were expected"
 stop_serve
 # Every listed snapshot's layers read back from the volume's files: the oldest and the
 # newest snapshot whole, each one between as what changed since the one before it, so
 # every block any of them holds is read once (exporting each snapshot whole read the
 # volume's data 24 times over and took most of the test).
-names="$(jq -r 'if type == "object" then .snapshots else . end | .[].name' "$RESULTS/snapshots.json")"
 prev=""
 for s in $names; do
     since=()
-    [ -n "$prev" ] && [ "$s" != "$(echo "$names" | tail -n 1)" ] && since=(--since "$prev")
+    [ -n "$prev" ] && [ "$s" != "$last" ] && since=(--since "$prev")
     "$SNAPBLK" export "$WORK/vol" "$s" "${since[@]}" -o "$WORK/export.bin" >/dev/null 2>"$RESULTS/export.log" ||
         fail "snapshot $s${prev:+ (since $prev)} does not read back: $(tail -3 "$RESULTS/export.log")"
     rm -f "$WORK/export.bin"
